@@ -1,0 +1,112 @@
+"""The on-disk blob format: a fixed header, then the (optionally compressed) payload.
+
+Header (40 bytes, little-endian):
+
+    offset size field
+    0      4    magic  b"CWMB"
+    4      1    format version (1)
+    5      1    codec  (0 = none, 1 = zstd over byte planes)
+    6      2    reserved, zero
+    8      8    raw length: bytes of the block before encoding
+    16     8    payload length: bytes that follow the header
+    24     16   digest: xxh3-128 of the raw bytes
+
+The digest is computed on the raw bytes, so a blob verifies the same whatever
+its codec, and a decode bug is caught like on-disk corruption.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from cwm_connector.errors import BlobCorruptError
+
+MAGIC = b"CWMB"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sBBHQQ16s")
+HEADER_SIZE = HEADER.size  # 40
+DIGEST_SIZE = 16
+
+CODEC_IDS = {"none": 0, "zstd": 1}
+CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
+PLANE_WIDTH = 2  # bf16/fp16: split each 16-bit value into a high and a low byte plane
+ZSTD_LEVEL = 1
+
+
+def digest(data: bytes | memoryview | bytearray) -> bytes:
+    """The content address of raw block bytes (xxh3-128)."""
+    return xxhash.xxh3_128_digest(data)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobHeader:
+    """A parsed blob header."""
+
+    codec: str
+    raw_len: int
+    payload_len: int
+    digest: bytes
+
+
+def parse_header(data: bytes | memoryview) -> BlobHeader:
+    """Parse and sanity-check the first HEADER_SIZE bytes of a blob."""
+    if len(data) < HEADER_SIZE:
+        raise BlobCorruptError("blob shorter than its header")
+    magic, version, codec_id, _reserved, raw_len, payload_len, dig = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise BlobCorruptError("bad blob magic")
+    if version != FORMAT_VERSION:
+        raise BlobCorruptError(f"unsupported blob format version {version}")
+    if codec_id not in CODEC_NAMES:
+        raise BlobCorruptError(f"unknown blob codec {codec_id}")
+    return BlobHeader(CODEC_NAMES[codec_id], raw_len, payload_len, dig)
+
+
+def encode(raw: bytes | memoryview, codec: str = "none", raw_digest: bytes | None = None) -> bytes:
+    """Header + payload for raw block bytes."""
+    dig = raw_digest if raw_digest is not None else digest(raw)
+    payload = _compress(raw) if codec == "zstd" else bytes(raw)
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_IDS[codec], 0, len(raw), len(payload), dig)
+    return head + payload
+
+
+def decode_payload(header: BlobHeader, payload: bytes | memoryview) -> bytes | memoryview:
+    """The raw bytes of a payload (decompressed when the codec says so), unverified."""
+    if len(payload) != header.payload_len:
+        raise BlobCorruptError("blob payload length does not match its header")
+    if header.codec == "zstd":
+        return _decompress(payload, header.raw_len)
+    return payload
+
+
+def verify(header: BlobHeader, raw: bytes | memoryview) -> None:
+    """Raise BlobCorruptError unless raw has the header's length and digest."""
+    if len(raw) != header.raw_len:
+        raise BlobCorruptError("blob raw length does not match its header")
+    if digest(raw) != header.digest:
+        raise BlobCorruptError("blob digest mismatch")
+
+
+def _compress(raw: bytes | memoryview) -> bytes:
+    import zstandard
+
+    arr = np.frombuffer(raw, dtype=np.uint8)
+    if len(arr) % PLANE_WIDTH == 0:
+        arr = arr.reshape(-1, PLANE_WIDTH).T.copy()
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(arr.tobytes())
+
+
+def _decompress(payload: memoryview, raw_len: int) -> bytes:
+    import zstandard
+
+    data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)
+    if len(data) != raw_len:
+        raise BlobCorruptError("blob decompressed to the wrong length")
+    if raw_len % PLANE_WIDTH == 0:
+        arr = np.frombuffer(data, dtype=np.uint8).reshape(PLANE_WIDTH, -1).T
+        return arr.tobytes()
+    return data

@@ -1,0 +1,93 @@
+"""Connector settings: `kv_connector_extra_config` keys, each overridable by `CWM_<KEY>`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cwm_connector.errors import ConfigError
+
+CAPTURE_MODES = ("salted", "all", "off")
+COMPRESSIONS = ("zstd", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class CwmConfig:
+    """Resolved settings. Precedence: extra-config value, then `CWM_<KEY>`, then default."""
+
+    store_dir: str = "~/.cache/cwm"
+    memory_bytes: int = 2 << 30  # host-memory budget for staged blobs, bytes
+    redis_url: str = ""
+    compression: str = "none"
+    control_socket: str = ""  # default: <store_dir>/control.sock
+    capture: str = "salted"
+    verify_restore: bool = False  # re-read restored blocks and compare digests (tests)
+    stage_timeout_s: float = 10.0  # give up staging a request's blocks after this
+
+    def __post_init__(self) -> None:
+        if self.capture not in CAPTURE_MODES:
+            raise ConfigError(f"capture must be one of {CAPTURE_MODES}, got {self.capture!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(
+                f"compression must be one of {COMPRESSIONS}, got {self.compression!r}"
+            )
+        if self.memory_bytes <= 0:
+            raise ConfigError("memory_bytes must be positive")
+        if self.stage_timeout_s <= 0:
+            raise ConfigError("stage_timeout_s must be positive")
+
+    @property
+    def store_path(self) -> Path:
+        """The store directory, user-expanded."""
+        return Path(os.path.expanduser(self.store_dir))
+
+    @property
+    def control_socket_path(self) -> Path:
+        """The control socket path, defaulting inside the store."""
+        if self.control_socket:
+            return Path(os.path.expanduser(self.control_socket))
+        return self.store_path / "control.sock"
+
+    @classmethod
+    def resolve(
+        cls, extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> CwmConfig:
+        """Build settings from an extra-config mapping and the environment."""
+        extra = dict(extra or {})
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            env_key = f"CWM_{f.name.upper()}"
+            if f.name in extra:
+                raw = extra.pop(f.name)
+            elif env_key in env:
+                raw = env[env_key]
+            else:
+                continue
+            values[f.name] = _coerce(f.name, raw, f.type)
+        return cls(**values)
+
+
+def _coerce(name: str, raw: Any, type_name: Any) -> Any:
+    """Turn an env string or JSON value into the field's type, or raise ConfigError."""
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot read {raw!r} as {kind}") from exc

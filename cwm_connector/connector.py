@@ -1,0 +1,264 @@
+"""CWMConnector: the vLLM KV connector facade.
+
+vLLM builds one instance per role: the scheduler role (in EngineCore) plans
+through CwmScheduler, the worker role (in each worker process) moves bytes
+through CwmWorker. Every hook delegates; nothing here raises into vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from cwm_connector.catalog import Catalog
+from cwm_connector.config import CwmConfig
+from cwm_connector.fingerprint import (
+    canonical_id,
+    engine_fingerprint,
+    full_fingerprint,
+    hash_chain_stable,
+)
+from cwm_connector.plans import StepPlan, WorkerReport
+from cwm_connector.scheduler import CwmScheduler
+from cwm_connector.stats import Stats
+from cwm_connector.worker import CwmWorker, catalog_path
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("vllm.cwm")
+
+
+@dataclass
+class CwmConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> worker: this step's plan (ids and hashes only)."""
+
+    plan: StepPlan = field(default_factory=StepPlan)
+
+
+@dataclass
+class CwmWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: one report per worker rank."""
+
+    reports: list[WorkerReport] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        """Concatenate the reports of several ranks."""
+        assert isinstance(other, CwmWorkerMetadata)
+        return CwmWorkerMetadata(self.reports + other.reports)
+
+
+class CWMConnector(KVConnectorBase_V1):
+    """Captures salted sessions' KV blocks into a durable store and restores them."""
+
+    _cache_hit_source = CacheHitSource.DISK
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ):
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = self._kv_transfer_config
+        self.cfg = CwmConfig.resolve(transfer.kv_connector_extra_config)
+        self.cfg.store_path.mkdir(parents=True, exist_ok=True)
+        self._engine_fp = engine_fingerprint(vllm_config)
+        self._engine_fp_id = canonical_id(self._engine_fp)
+        self._block_size = vllm_config.cache_config.block_size
+        self._scheduler: CwmScheduler | None = None
+        self._worker: CwmWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._init_scheduler(vllm_config, transfer.kv_load_failure_policy)
+
+    # -- roles -------------------------------------------------------------
+    def _init_scheduler(self, vllm_config: VllmConfig, failure_policy: str) -> None:
+        hash_algo = vllm_config.cache_config.prefix_caching_hash_algo
+        stable = hash_chain_stable(hash_algo)
+        if not stable:
+            logger.warning(
+                "cwm: prefix_caching_hash_algo=%s without PYTHONHASHSEED gives block hashes "
+                "that change at every restart; cwm will capture nothing and restore nothing. "
+                "Use the default sha256 or set PYTHONHASHSEED.",
+                hash_algo,
+            )
+        if failure_policy != "recompute":
+            logger.warning(
+                "cwm: kv_load_failure_policy is %r: a block that fails to load after it was "
+                "promised ends the request with an error. Set "
+                '"kv_load_failure_policy":"recompute" to recompute it instead.',
+                failure_policy,
+            )
+        self._catalog = Catalog(catalog_path(self.cfg.store_path))
+        self._sched_stats = Stats(self.cfg.store_path / "stats" / "scheduler.json")
+        engine_fp_id = self._engine_fp_id
+        catalog = self._catalog
+
+        def lookup(hashes: Any) -> set[bytes]:
+            return catalog.stored_hashes(engine_fp_id, hashes) if hashes else set()
+
+        self._scheduler = CwmScheduler(
+            block_size=self._block_size,
+            tp_size=vllm_config.parallel_config.tensor_parallel_size,
+            lookup=lookup,
+            capture=self.cfg.capture if stable else "off",
+            restore=stable,
+            stage_timeout_s=self.cfg.stage_timeout_s,
+        )
+        logger.info(
+            "cwm: connector ready (store %s, capture=%s, engine fingerprint %s)",
+            self.cfg.store_path,
+            self.cfg.capture,
+            self._engine_fp_id[:12],
+        )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a dropped capture is only a future miss."""
+        return False
+
+    # -- worker side -------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Learn the KV layout, register this worker's fingerprint, start the threads."""
+        from cwm_connector.kv_layout import KVLayout
+
+        num_blocks = self._kv_cache_config.num_blocks
+        layout = KVLayout(kv_caches, num_blocks)
+        rank = self._vllm_config.parallel_config.rank
+        doc = full_fingerprint(self._engine_fp, layout.describe(), rank)
+        fp_id = canonical_id(doc)
+        catalog = Catalog(catalog_path(self.cfg.store_path))
+        catalog.register_fingerprint(fp_id, self._engine_fp_id, canonical_json(doc))
+        catalog.close()
+        self._worker = CwmWorker(self.cfg, fp_id, layout, rank)
+        logger.info(
+            "cwm: worker rank %d registered %d KV tensors, %d bytes per block",
+            rank,
+            len(layout.tensors),
+            layout.block_bytes,
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Run this step's plan: loads scatter now, captures and stages go to threads."""
+        if self._worker is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, CwmConnectorMetadata)
+        self._worker.submit(meta.plan)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads finish in start_load_kv, before the forward."""
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        """Capture happens at request end, not per layer."""
+        return
+
+    def wait_for_save(self) -> None:
+        """Saves are write-behind; nothing to wait for."""
+        return
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose kept blocks were copied out (finished sending)."""
+        if self._worker is None:
+            return None, None
+        return self._worker.get_finished(finished_req_ids) or None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Blocks promised but not loaded this step."""
+        return set() if self._worker is None else self._worker.take_load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        """Report staging results and finished captures to the scheduler."""
+        report = None if self._worker is None else self._worker.take_report()
+        return None if report is None else CwmWorkerMetadata([report])
+
+    def shutdown(self) -> None:
+        """Let queued writes finish (bounded)."""
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # -- scheduler side ----------------------------------------------------
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """Tokens of verified, staged blocks beyond the local hit (None while staging)."""
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(
+            request.request_id, request.block_hashes, request.num_tokens, num_computed_tokens
+        )
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        """Plan the load of promised blocks into their new paged blocks."""
+        assert self._scheduler is not None
+        if num_external_tokens == 0:
+            self._scheduler.update_state_after_alloc(request.request_id, [], 0)
+            return
+        block_ids = blocks.get_block_ids()[0]
+        self._scheduler.update_state_after_alloc(request.request_id, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """Hand this step's plan to the workers."""
+        assert self._scheduler is not None
+        self._flush_scheduler_stats()
+        return CwmConnectorMetadata(self._scheduler.build_plan())
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Fold worker reports into the plans."""
+        assert self._scheduler is not None
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, CwmWorkerMetadata):
+            for report in meta.reports:
+                self._scheduler.apply_report(report)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Keep a finished request's new full blocks until the worker copied them."""
+        assert self._scheduler is not None
+        keep = self._scheduler.request_finished(
+            request.request_id,
+            request.cache_salt,
+            request.block_hashes,
+            request.num_computed_tokens,
+            block_ids,
+        )
+        return keep, None
+
+    def _flush_scheduler_stats(self) -> None:
+        assert self._scheduler is not None
+        for name, value in asdict(self._scheduler.counters).items():
+            self._sched_stats.set(name, value)
+        self._sched_stats.flush()
+
+
+def canonical_json(doc: dict[str, Any]) -> str:
+    """Sorted, compact JSON for storing fingerprints."""
+    import json
+
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)

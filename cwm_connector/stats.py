@@ -1,0 +1,59 @@
+"""Thread-safe counters, mirrored to `<store_dir>/stats/<name>.json` for tools and tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+FLUSH_INTERVAL_S = 0.5
+
+
+class Stats:
+    """Named integer counters for one process role."""
+
+    def __init__(self, path: Path | None):
+        self._path = path
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._dirty = False
+        self._last_flush = 0.0
+
+    def add(self, name: str, value: int = 1) -> None:
+        """Increase a counter."""
+        with self._lock:
+            self._counts[name] += value
+            self._dirty = True
+
+    def set(self, name: str, value: int) -> None:
+        """Set a gauge-like counter."""
+        with self._lock:
+            self._counts[name] = value
+            self._dirty = True
+
+    def snapshot(self) -> dict[str, int]:
+        """A copy of every counter."""
+        with self._lock:
+            return dict(self._counts)
+
+    def flush(self, force: bool = False) -> None:
+        """Write the counters atomically if they changed (throttled unless forced)."""
+        if self._path is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if not self._dirty or (not force and now - self._last_flush < FLUSH_INTERVAL_S):
+                return
+            data = json.dumps(dict(self._counts), sort_keys=True)
+            self._dirty = False
+            self._last_flush = now
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(data)
+            os.replace(tmp, self._path)
+        except OSError:
+            pass  # stats are best effort
