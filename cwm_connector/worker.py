@@ -85,7 +85,7 @@ class CwmWorker:
                     self._dropped.add(job_id)  # still queued or being staged
         for load in plan.loads:
             self._load(load.job_id, load.block_ids)
-        self.stats.flush()
+        self.stats.flush(force=bool(plan.loads))
 
     def _load(self, job_id: int, block_ids: list[int]) -> None:
         with self._lock:
@@ -169,7 +169,7 @@ class CwmWorker:
                 self._report_stored([], job.block_hashes)
                 continue
             self._store_rows(catalog, job.block_hashes, rows)
-            self.stats.flush()
+            self.stats.flush(force=True)
         catalog.close()
 
     def _store_rows(self, catalog: Catalog, hashes: list[bytes], rows: torch.Tensor) -> None:
@@ -223,7 +223,7 @@ class CwmWorker:
                     self._staged[job.job_id] = staged
                     self._staged_bytes += staged.rows.numel()
                 self._report.staged[job.job_id] = num
-            self.stats.flush()
+            self.stats.flush(force=True)
         catalog.close()
 
     def _stage(self, catalog: Catalog, job: StageJob) -> _Staged:
