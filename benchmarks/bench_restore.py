@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -37,10 +38,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/restore.json"))
     p.add_argument("--keep", action="store_true", help="keep the temp dir (model, store, logs)")
     return p.parse_args()
-
-
-def summary(samples: list[float]) -> dict[str, Any]:
-    return {"median_s": statistics.median(samples), "samples_s": samples}
 
 
 def first_token(out: dict[str, Any]) -> str:
@@ -88,17 +85,6 @@ def wait_metric(server: VllmServer, name: str, at_least: float, timeout_s: float
     return value
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, requests.HTTPError) and exc.response is not None:
-        text += f" | {exc.response.text[:500]}"
-    return text
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, model: str, work: Path):
         self.args, self.model, self.work = args, model, work
@@ -131,10 +117,10 @@ class Bench:
             server.stop()
 
     def connector_run(self, cfg: dict, store: Path) -> dict[str, Any]:
-        res: dict[str, Any] = {"cold_on": [], "prefix_hit": [], "restore": [], "prompt_tokens": []}
+        res: dict[str, Any] = {"cold_on": [], "prefix_hit": [], "restore_after_restart": []}
         salts = [f"{self.run_id}-on-{i}" for i in range(self.args.repeats)]
         firsts: list[str] = []
-        res["prefix_hit_cached_tokens"] = []
+        res["prompt_tokens"], res["prefix_hit_cached_tokens"] = [], []
         server = self.server("cold_on", cfg)
         try:
             self.started(server)
@@ -163,7 +149,7 @@ class Bench:
                 out = self.send(server, i, salt)
                 expected = (out["usage"]["prompt_tokens"] - 1) // BLOCK * BLOCK
                 hits = wait_metric(server, HITS, before + expected) - before
-                res["restore"].append(out["elapsed_s"])
+                res["restore_after_restart"].append(out["elapsed_s"])
                 checks.append({"external_hits": hits, "expected_hits": expected,
                                "hits_ok": hits == expected, "cached_tokens": cached_tokens(out),
                                "first_token": first_token(out), "prefix_hit_token": firsts[i],
@@ -180,30 +166,29 @@ class Bench:
                "kv_connector_extra_config": extra}  # fmt: skip
         batched = max(EXAMPLE_BATCHED_TOKENS, self.args.prompt_tokens + 64)
         res: dict[str, Any] = {"max_num_batched_tokens": batched, "note": (
-            f"this server only runs with --max-num-batched-tokens {batched} (the cwm servers "
-            "keep the default 2048) so that the whole prompt is one prefill chunk")}  # fmt: skip
+            f"its server alone has --max-num-batched-tokens {batched} (cwm's keep the default "
+            "2048) so that the whole prompt is one prefill chunk")}  # fmt: skip
         salt = f"{self.run_id}-example"
         try:
             for phase in ("store", "restore"):
-                server = self.server(
-                    f"example_{phase}", cfg, ["--max-num-batched-tokens", str(batched)]
-                )
+                flags = ["--max-num-batched-tokens", str(batched)]
+                server = self.server(f"example_{phase}", cfg, flags)
                 try:
                     self.started(server)
                     before = server.metric(HITS)
                     out = self.send(server, 0, salt)
                     res[f"{phase}_s"] = out["elapsed_s"]
                     res[f"{phase}_first_token"] = first_token(out)
-                    res[f"{phase}_external_hits"] = server.metric(HITS) - before
+                    expected = (out["usage"]["prompt_tokens"] - 1) // BLOCK * BLOCK
+                    at_least = before + (expected if phase == "restore" else 0)
+                    res[f"{phase}_external_hits"] = wait_metric(server, HITS, at_least) - before
                 finally:
                     server.stop()
         except Exception as exc:  # record, never crash: it is only a comparison
-            res["error"] = describe(exc)
+            res["error"] = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, requests.HTTPError) and exc.response is not None:
+                res["error"] += f" | {exc.response.text[:500]}"
         return res
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def table(r: dict[str, Any]) -> str:
@@ -211,29 +196,23 @@ def table(r: dict[str, Any]) -> str:
     med = {k: v["median_s"] for k, v in r["ttft"].items()}
     rat, ex = r["ratios"], r["example_connector"]
 
-    def sec(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3f} s"
+    def sec(x: float) -> str:
+        return f"{x:.3f} s"
 
     def times(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.2f}x"
 
     ex_cell = sec(ex["restore_s"]) if "restore_s" in ex else f"failed: {ex.get('error', '?')[:80]}"
+    ex_note = f"{times(rat['example_vs_prefix_hit'])} of prefix hit; {ex['note'][:45]}"
+    restore_note = f"{times(rat['restore_vs_prefix_hit'])} of prefix hit (target <= 1.10x)"
     bpt = r["bytes_per_token"]
     rows = [
         ("cold, connector off", sec(med["cold_off"]), ""),
         ("cold, connector on", sec(med["cold_on"]), f"{times(rat['cold_on_vs_off'])} of off"),
         ("prefix hit (vLLM in-process)", sec(med["prefix_hit"]), "the floor"),
-        (
-            "restore after restart (cwm)",
-            sec(med["restore_after_restart"]),
-            f"{times(rat['restore_vs_prefix_hit'])} of prefix hit (target <= 1.10x)",
-        ),
-        ("cold / restore speed-up", times(rat["cold_vs_restore"]), ""),
-        (
-            "ExampleConnector restore",
-            ex_cell,
-            f"{times(rat['example_vs_prefix_hit'])} of prefix hit",
-        ),
+        ("restore after restart (cwm)", sec(med["restore_after_restart"]), restore_note),
+        ("cold / restore speed-up", times(rat["cold_vs_restore"]), "cold off / restore"),
+        ("ExampleConnector restore", ex_cell, ex_note),
         ("bytes on disk per token", "n/a" if bpt is None else f"{bpt:.0f} B", r["compression"]),
     ]
     lines = ["| measure | median TTFT / value | note |", "| --- | --- | --- |"]
@@ -248,6 +227,7 @@ def main() -> int:
         max_position_embeddings=max(8192, args.prompt_tokens + 64),
     )  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="cwm-bench-"))
+    load_start = os.getloadavg()  # the machine is shared: record how busy it was
     print(f"work dir: {work}", flush=True)
     try:
         bench = Bench(args, str(build_tiny_model(work / "model", spec)), work)
@@ -259,25 +239,29 @@ def main() -> int:
         run = bench.connector_run(cfg, store)
         print("example_connector ...", flush=True)
         example = bench.example_connector()
+        blob_bytes = sum(f.stat().st_size for f in (store / "blobs").rglob("*") if f.is_file())
         captured = run["stats_before_stop"].get("captured_blocks", 0) * BLOCK
-        ttft = {"cold_off": summary(cold_off), "cold_on": summary(run.pop("cold_on")),
-                "prefix_hit": summary(run.pop("prefix_hit")),
-                "restore_after_restart": summary(run.pop("restore"))}  # fmt: skip
-        med = {k: v["median_s"] for k, v in ttft.items()}
+        phases = ("cold_on", "prefix_hit", "restore_after_restart")
+        samples = {"cold_off": cold_off, **{k: run.pop(k) for k in phases}}
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        ex_ratio = example["restore_s"] / med["prefix_hit"] if "restore_s" in example else None
+        ttft = {k: {"median_s": med[k], "samples_s": v} for k, v in samples.items()}
         checks = run["restore_checks"]
         result = {
             "config": {**vars(args), "out": str(args.out), "num_parameters": count_parameters(spec),
-                       "block_size": BLOCK, "connector": cfg},
+                       "block_size": BLOCK, "connector": cfg,
+                       "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
             "ttft": ttft,
             "ratios": {"cold_on_vs_off": med["cold_on"] / med["cold_off"],
                        "restore_vs_prefix_hit": med["restore_after_restart"] / med["prefix_hit"],
                        "cold_vs_restore": med["cold_off"] / med["restore_after_restart"],
-                       "example_vs_prefix_hit": ratio(example.get("restore_s"), med["prefix_hit"])},
-            "checks": {"external_hits_ok": all(c["hits_ok"] for c in checks),
+                       "example_vs_prefix_hit": ex_ratio},
+            "checks": {"capture_durable_ok": run["durable"]["ok"],
+                       "external_hits_ok": all(c["hits_ok"] for c in checks),
                        "first_token_ok": all(c["token_ok"] for c in checks)},
             "compression": args.compression,
-            "bytes_per_token": dir_bytes(store / "blobs") / captured if captured else None,
-            "blob_bytes": dir_bytes(store / "blobs"), "captured_tokens": captured,
+            "bytes_per_token": blob_bytes / captured if captured else None,
+            "blob_bytes": blob_bytes, "captured_tokens": captured,
             "connector_run": run, "example_connector": example,
         }  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,3 +57,12 @@ class Stats:
             os.replace(tmp, self._path)
         except OSError:
             pass  # stats are best effort
+
+
+def read_stats(store_dir: Path, name: str = "worker-rank0") -> dict[str, int]:
+    """The last counters a process role wrote under a store (empty if none yet)."""
+    path = store_dir / "stats" / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -120,23 +120,51 @@ class VllmServer:
             os.killpg(pgid, signal.SIGKILL)
 
     def complete(self, prompt: str, salt: str | None, max_tokens: int = 8) -> dict[str, Any]:
-        """A greedy completion with logprobs; returns the JSON plus `ttft_s` (a 1-token call)."""
+        """A greedy, streamed completion with logprobs.
+
+        Returns the usual non-streamed JSON shape (`choices[0].text`,
+        `choices[0].logprobs`, `usage`) plus `ttft_s` (time to the first token)
+        and `elapsed_s` (the whole call).
+        """
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0,
             "logprobs": 1,
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
         if salt is not None:
             body["cache_salt"] = salt
+        text: list[str] = []
+        logprobs: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+        usage: dict[str, Any] = {}
+        ttft = None
         started = time.perf_counter()
-        resp = requests.post(self.url + "/v1/completions", json=body, timeout=600)
+        with requests.post(
+            self.url + "/v1/completions", json=body, timeout=600, stream=True
+        ) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+                    text.append(choice.get("text", ""))
+                    for key, values in (choice.get("logprobs") or {}).items():
+                        if key in logprobs:
+                            logprobs[key].extend(values)
         elapsed = time.perf_counter() - started
-        resp.raise_for_status()
-        out = resp.json()
-        out["elapsed_s"] = elapsed
-        return out
+        return {
+            "choices": [{"text": "".join(text), "logprobs": logprobs}],
+            "usage": usage,
+            "ttft_s": elapsed if ttft is None else ttft,
+            "elapsed_s": elapsed,
+        }
 
     def metric(self, name: str) -> float:
         """Sum of a Prometheus metric's samples on /metrics (0 when absent)."""

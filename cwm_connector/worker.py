@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ class CwmWorker:
             self.stats.add("load_errors", len(block_ids) - num)
         if num == 0 or staged is None:
             return
+        started = time.perf_counter()
         try:
             self.layout.scatter(block_ids[:num], staged.rows[:num])
         except Exception:
@@ -106,6 +108,7 @@ class CwmWorker:
             self._load_errors.update(block_ids[:num])
             self.stats.add("load_errors", num)
             return
+        logger.info("cwm: loaded %d blocks in %.1f ms", num, (time.perf_counter() - started) * 1e3)
         self.stats.add("loaded_blocks", num)
         self.stats.add("loaded_bytes", num * self.layout.block_bytes)
         if self.cfg.verify_restore:
@@ -209,6 +212,7 @@ class CwmWorker:
                 if job.job_id in self._dropped:
                     self._dropped.discard(job.job_id)
                     continue
+            started = time.perf_counter()
             try:
                 staged = self._stage(catalog, job)
             except Exception:
@@ -223,6 +227,11 @@ class CwmWorker:
                     self._staged[job.job_id] = staged
                     self._staged_bytes += staged.rows.numel()
                 self._report.staged[job.job_id] = num
+            logger.info(
+                "cwm: staged %d/%d blocks (%.1f MB) in %.1f ms",
+                num, len(job.block_hashes), num * self.layout.block_bytes / 1e6,
+                (time.perf_counter() - started) * 1e3,
+            )  # fmt: skip
             self.stats.flush(force=True)
         catalog.close()
 

