@@ -29,12 +29,14 @@ EXAMPLE_BATCHED_TOKENS = 8192  # ExampleConnector only: one prefill chunk for th
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ints = {"layers": 20, "hidden": 1024, "heads": 16, "kv-heads": 8, "intermediate": 2816,
+    ints = {"layers": 16, "hidden": 1024, "heads": 16, "kv-heads": 8, "intermediate": 2816,
             "vocab": 32000, "prompt-tokens": 4000, "repeats": 3, "kv-cache-gb": 2,
             "durable-timeout-s": 300}  # fmt: skip
     for flag, default in ints.items():
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--compression", choices=("none", "zstd"), default="none")
+    # bf16 matmuls on a CPU without AVX512-BF16 run at ~1 GFLOPS here; fp32 at ~100.
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/restore.json"))
     p.add_argument("--keep", action="store_true", help="keep the temp dir (model, store, logs)")
     return p.parse_args()
@@ -224,7 +226,7 @@ def main() -> int:
     spec = TinyModelSpec(
         hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
         num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
-        max_position_embeddings=max(8192, args.prompt_tokens + 64),
+        max_position_embeddings=max(8192, args.prompt_tokens + 64), dtype=args.dtype,
     )  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="cwm-bench-"))
     load_start = os.getloadavg()  # the machine is shared: record how busy it was

@@ -18,6 +18,7 @@ its codec, and a decode bug is caught like on-disk corruption.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,9 +38,22 @@ PLANE_WIDTH = 2  # bf16/fp16: split each 16-bit value into a high and a low byte
 ZSTD_LEVEL = 1
 
 
-def digest(data: bytes | memoryview | bytearray) -> bytes:
+Buffer = bytes | bytearray | memoryview
+
+
+def digest(data: Buffer) -> bytes:
     """The content address of raw block bytes (xxh3-128)."""
     return xxhash.xxh3_128_digest(data)
+
+
+def digest_segments(segments: Sequence[Buffer]) -> bytes:
+    """The digest of the concatenation of segments, without concatenating them."""
+    if len(segments) == 1:
+        return digest(segments[0])
+    hasher = xxhash.xxh3_128()
+    for segment in segments:
+        hasher.update(segment)
+    return hasher.digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,15 +80,19 @@ def parse_header(data: bytes | memoryview) -> BlobHeader:
     return BlobHeader(CODEC_NAMES[codec_id], raw_len, payload_len, dig)
 
 
-def encode(raw: bytes | memoryview, codec: str = "none", raw_digest: bytes | None = None) -> bytes:
-    """Header + payload for raw block bytes."""
+def encode_header(codec: str, raw_len: int, payload_len: int, raw_digest: bytes) -> bytes:
+    """The 40-byte header."""
+    return HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_IDS[codec], 0, raw_len, payload_len, raw_digest)
+
+
+def encode(raw: Buffer, codec: str = "none", raw_digest: bytes | None = None) -> bytes:
+    """Header + payload for raw block bytes, as one bytes object."""
     dig = raw_digest if raw_digest is not None else digest(raw)
-    payload = _compress(raw) if codec == "zstd" else bytes(raw)
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_IDS[codec], 0, len(raw), len(payload), dig)
-    return head + payload
+    payload = compress(raw) if codec == "zstd" else bytes(raw)
+    return encode_header(codec, len(raw), len(payload), dig) + payload
 
 
-def decode_payload(header: BlobHeader, payload: bytes | memoryview) -> bytes | memoryview:
+def decode_payload(header: BlobHeader, payload: Buffer) -> Buffer:
     """The raw bytes of a payload (decompressed when the codec says so), unverified."""
     if len(payload) != header.payload_len:
         raise BlobCorruptError("blob payload length does not match its header")
@@ -83,15 +101,16 @@ def decode_payload(header: BlobHeader, payload: bytes | memoryview) -> bytes | m
     return payload
 
 
-def verify(header: BlobHeader, raw: bytes | memoryview) -> None:
-    """Raise BlobCorruptError unless raw has the header's length and digest."""
-    if len(raw) != header.raw_len:
+def verify_segments(header: BlobHeader, segments: Sequence[Buffer]) -> None:
+    """Raise BlobCorruptError unless the segments have the header's length and digest."""
+    if sum(len(s) for s in segments) != header.raw_len:
         raise BlobCorruptError("blob raw length does not match its header")
-    if digest(raw) != header.digest:
+    if digest_segments(segments) != header.digest:
         raise BlobCorruptError("blob digest mismatch")
 
 
-def _compress(raw: bytes | memoryview) -> bytes:
+def compress(raw: Buffer) -> bytes:
+    """zstd over byte planes (lossless; see the module docstring)."""
     import zstandard
 
     arr = np.frombuffer(raw, dtype=np.uint8)
@@ -100,7 +119,7 @@ def _compress(raw: bytes | memoryview) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(arr.tobytes())
 
 
-def _decompress(payload: memoryview, raw_len: int) -> bytes:
+def _decompress(payload: Buffer, raw_len: int) -> bytes:
     import zstandard
 
     data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_len)

@@ -141,7 +141,7 @@ class CWMConnector(KVConnectorBase_V1):
 
         num_blocks = self._kv_cache_config.num_blocks
         layout = KVLayout(kv_caches, num_blocks)
-        rank = self._vllm_config.parallel_config.rank
+        rank = _tp_rank()
         doc = full_fingerprint(self._engine_fp, layout.describe(), rank)
         fp_id = canonical_id(doc)
         catalog = Catalog(catalog_path(self.cfg.store_path))
@@ -254,7 +254,17 @@ class CWMConnector(KVConnectorBase_V1):
         assert self._scheduler is not None
         for name, value in asdict(self._scheduler.counters).items():
             self._sched_stats.set(name, value)
-        self._sched_stats.flush()
+        self._sched_stats.flush(force=True)  # writes only when a counter changed
+
+
+def _tp_rank() -> int:
+    """This worker's tensor-parallel rank (0 when no group is initialised)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (ImportError, AssertionError, RuntimeError):
+        return 0
 
 
 def canonical_json(doc: dict[str, Any]) -> str:

@@ -29,10 +29,11 @@ class Stats:
             self._dirty = True
 
     def set(self, name: str, value: int) -> None:
-        """Set a gauge-like counter."""
+        """Set a counter kept elsewhere (marks the file dirty only on change)."""
         with self._lock:
-            self._counts[name] = value
-            self._dirty = True
+            if self._counts.get(name) != value:
+                self._counts[name] = value
+                self._dirty = True
 
     def snapshot(self) -> dict[str, int]:
         """A copy of every counter."""

@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from cwm_connector import blob
+from cwm_connector.blob import Buffer
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, StoreError
 
 
@@ -30,57 +32,84 @@ class DiskTier:
         self.quarantine_dir = root / "quarantine"
         for folder in (self.blob_dir, self.tmp_dir, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self._blob_root = str(self.blob_dir)
 
     def path_for(self, digest: bytes) -> Path:
         """Where the blob of this digest lives."""
-        name = digest.hex()
-        return self.blob_dir / name[:2] / name[2:4] / f"{name}.blob"
+        return Path(self._path_str(digest))
+
+    def _path_str(self, digest: bytes) -> str:
+        name = digest.hex()  # plain string joins: this runs once per block on restore
+        return f"{self._blob_root}/{name[:2]}/{name[2:4]}/{name}.blob"
 
     def contains(self, digest: bytes) -> bool:
         """Whether a blob file exists for this digest."""
         return self.path_for(digest).exists()
 
-    def put(self, digest: bytes, raw: memoryview | bytes, codec: str = "none") -> int:
-        """Write a blob durably (tmp, fsync, rename); return the bytes on disk."""
+    def put(self, digest: bytes, segments: Sequence[Buffer], codec: str = "none") -> int:
+        """Write a blob durably (tmp, fsync, rename); return the bytes on disk.
+
+        `segments` are the block's raw bytes in order (one per layer); with no
+        compression they are written with one vectored write, never joined.
+        """
+        raw_len = sum(len(s) for s in segments)
+        if codec == "none":
+            parts: list[Buffer] = [blob.encode_header(codec, raw_len, raw_len, digest), *segments]
+        else:
+            payload = blob.compress(b"".join(segments))
+            parts = [blob.encode_header(codec, raw_len, len(payload), digest), payload]
         final = self.path_for(digest)
         tmp = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.tmp"
-        data = blob.encode(raw, codec, raw_digest=digest)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                written = _write_all(fd, parts)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write blob {digest.hex()}: {exc}") from exc
-        return len(data)
+        return written
 
-    def read_into(self, digest: bytes, out: memoryview) -> None:
-        """Read and verify a blob into `out` (its raw length); raise on miss or corruption."""
-        path = self.path_for(digest)
+    def read_into(self, digest: bytes, segments: Sequence[memoryview]) -> None:
+        """Read and verify a blob into `segments` (its raw bytes, in order).
+
+        Raises BlobMissingError, BlobCorruptError or StoreError; on any error the
+        segments' content is undefined and must not be used.
+        """
+        raw_len = sum(len(s) for s in segments)
         try:
-            with open(path, "rb") as fh:
-                header = blob.parse_header(fh.read(blob.HEADER_SIZE))
-                if header.digest != digest:
-                    raise BlobCorruptError("blob header names another digest")
-                if header.raw_len != len(out):
-                    raise BlobCorruptError(
-                        f"blob holds {header.raw_len} bytes, the engine expects {len(out)}"
-                    )
-                if header.codec == "none":
-                    if fh.readinto(out) != len(out) or fh.read(1):
-                        raise BlobCorruptError("blob payload length does not match its header")
-                    raw: memoryview | bytes = out
-                else:
-                    raw = blob.decode_payload(header, fh.read(header.payload_len + 1))
-                    out[:] = raw
+            fd = os.open(self._path_str(digest), os.O_RDONLY)
         except FileNotFoundError as exc:
             raise BlobMissingError(f"blob {digest.hex()} is missing") from exc
         except OSError as exc:
+            raise StoreError(f"cannot open blob {digest.hex()}: {exc}") from exc
+        try:
+            header = blob.parse_header(os.pread(fd, blob.HEADER_SIZE, 0))
+            if header.digest != digest:
+                raise BlobCorruptError("blob header names another digest")
+            if header.raw_len != raw_len:
+                raise BlobCorruptError(
+                    f"blob holds {header.raw_len} bytes, the engine expects {raw_len}"
+                )
+            if os.fstat(fd).st_size != blob.HEADER_SIZE + header.payload_len:
+                raise BlobCorruptError("blob file length does not match its header")
+            if header.codec == "none":
+                if os.preadv(fd, segments, blob.HEADER_SIZE) != raw_len:
+                    raise BlobCorruptError("blob payload is short")
+            else:
+                raw = blob.decode_payload(
+                    header, os.pread(fd, header.payload_len, blob.HEADER_SIZE)
+                )
+                _split_into(memoryview(raw), segments)
+        except OSError as exc:
             raise StoreError(f"cannot read blob {digest.hex()}: {exc}") from exc
-        blob.verify(header, out)
+        finally:
+            os.close(fd)
+        blob.verify_segments(header, segments)
 
     def quarantine(self, digest: bytes) -> None:
         """Move a bad blob out of the read path (best effort)."""
@@ -101,6 +130,27 @@ class DiskTier:
             entry.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
+    """writev until every byte is written (a large writev may be partial)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    total = sum(len(v) for v in views)
+    while views:
+        done = os.writev(fd, views)
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
+    return total
+
+
+def _split_into(raw: memoryview, segments: Sequence[memoryview]) -> None:
+    offset = 0
+    for segment in segments:
+        segment[:] = raw[offset : offset + len(segment)]
+        offset += len(segment)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -16,16 +16,15 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from cwm_connector.blob import digest
+from cwm_connector.blob import digest_segments
 from cwm_connector.catalog import Catalog
 from cwm_connector.config import CwmConfig
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
-from cwm_connector.kv_layout import KVLayout
+from cwm_connector.kv_layout import KVLayout, StagingBuffer
 from cwm_connector.plans import CaptureJob, StageJob, StepPlan, WorkerReport
 from cwm_connector.stats import Stats
 from cwm_connector.tier_disk import DiskTier
@@ -33,12 +32,18 @@ from cwm_connector.tier_disk import DiskTier
 logger = logging.getLogger("vllm.cwm.worker")
 
 CATALOG_FILE = "catalog.sqlite"
+NUM_READERS = 2  # parallel blob reads while staging
+PREWARM_BYTES = 256 << 20  # staging memory prefaulted at start (fresh pages cost more than a copy)
 
 
 @dataclass(slots=True)
 class _Staged:
-    rows: torch.Tensor  # (num_ready, block_bytes) uint8, verified
+    buffer: StagingBuffer  # rows [0, len(digests)) hold verified blocks
     digests: list[bytes]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.digests)
 
 
 class CwmWorker:
@@ -53,14 +58,17 @@ class CwmWorker:
         self.disk = DiskTier(root)
         self.catalog_path = root / CATALOG_FILE
         self.stats = Stats(root / "stats" / f"worker-rank{rank}.json")
+        self.pool = layout.new_pool(max_idle_bytes=min(cfg.memory_bytes, PREWARM_BYTES))
         self._lock = threading.Lock()
         self._staged: dict[int, _Staged] = {}
         self._staged_bytes = 0
         self._dropped: set[int] = set()
+        self._capturing: set[str] = set()  # requests whose blocks vLLM keeps for us
         self._gathered: set[str] = set()
         self._finished_seen: set[str] = set()
         self._load_errors: set[int] = set()
         self._report = WorkerReport(rank)
+        self._readers = ThreadPoolExecutor(NUM_READERS, thread_name_prefix="cwm-read")
         self._capture_q: queue.Queue[CaptureJob | None] = queue.Queue()
         self._stage_q: queue.Queue[StageJob | None] = queue.Queue()
         removed = self.disk.clean_orphan_tmp()
@@ -77,6 +85,8 @@ class CwmWorker:
     def submit(self, plan: StepPlan) -> None:
         """Queue this step's captures and stages, apply drops, run loads now."""
         for job in plan.captures:
+            with self._lock:
+                self._capturing.add(job.req_id)
             self._capture_q.put(job)
         for job in plan.stages:
             self._stage_q.put(job)
@@ -91,8 +101,7 @@ class CwmWorker:
     def _load(self, job_id: int, block_ids: list[int]) -> None:
         with self._lock:
             staged = self._release(job_id)
-        num_ready = 0 if staged is None else staged.rows.shape[0]
-        num = min(num_ready, len(block_ids))
+        num = min(0 if staged is None else staged.num_blocks, len(block_ids))
         if num < len(block_ids):
             # Promised but not in hand: vLLM recomputes these (kv_load_failure_policy).
             logger.error("cwm: load job %d lacks %d staged blocks", job_id, len(block_ids) - num)
@@ -102,12 +111,14 @@ class CwmWorker:
             return
         started = time.perf_counter()
         try:
-            self.layout.scatter(block_ids[:num], staged.rows[:num])
+            self.layout.scatter(block_ids[:num], staged.buffer)
         except Exception:
             logger.exception("cwm: scatter failed for load job %d", job_id)
             self._load_errors.update(block_ids[:num])
             self.stats.add("load_errors", num)
             return
+        finally:
+            self.pool.give(staged.buffer)
         logger.info("cwm: loaded %d blocks in %.1f ms", num, (time.perf_counter() - started) * 1e3)
         self.stats.add("loaded_blocks", num)
         self.stats.add("loaded_bytes", num * self.layout.block_bytes)
@@ -115,8 +126,10 @@ class CwmWorker:
             self._verify_restored(block_ids[:num], staged.digests[:num])
 
     def _verify_restored(self, block_ids: Sequence[int], digests: Sequence[bytes]) -> None:
-        rows = self.layout.gather(block_ids)
-        bad = [i for i, d in enumerate(digests) if digest(rows[i].numpy()) != d]
+        buffer = self.pool.take(len(block_ids))
+        self.layout.gather(block_ids, buffer)
+        bad = [i for i, d in enumerate(digests) if digest_segments(buffer.segments(i)) != d]
+        self.pool.give(buffer)
         self.stats.add("restore_verified_blocks", len(digests) - len(bad))
         if bad:
             logger.error("cwm: %d restored blocks differ from their blobs", len(bad))
@@ -126,16 +139,18 @@ class CwmWorker:
     def _release(self, job_id: int) -> _Staged | None:
         staged = self._staged.pop(job_id, None)
         if staged is not None:
-            self._staged_bytes -= staged.rows.numel()
+            self._staged_bytes -= staged.num_blocks * self.layout.block_bytes
         return staged
 
     def get_finished(self, finished_req_ids: set[str]) -> set[str]:
         """Requests whose kept blocks are copied out and may be freed."""
         with self._lock:
-            self._finished_seen.update(finished_req_ids)
+            # vLLM accepts a finished-sending id only once it announced it as finished.
+            self._finished_seen.update(finished_req_ids & self._capturing)
             done = self._gathered & self._finished_seen
             self._gathered -= done
             self._finished_seen -= done
+            self._capturing -= done
         return done
 
     def take_load_errors(self) -> set[int]:
@@ -155,37 +170,41 @@ class CwmWorker:
         self._stage_q.put(None)
         for thread in self._threads:
             thread.join(timeout_s)
+        self._readers.shutdown(wait=False)
         self.stats.flush(force=True)
 
     # -- capture thread ----------------------------------------------------
     def _capture_loop(self) -> None:
         catalog = Catalog(self.catalog_path)
         while (job := self._capture_q.get()) is not None:
+            buffer = self.pool.take(len(job.block_ids))
             try:
-                rows = self.layout.gather(job.block_ids)
+                self.layout.gather(job.block_ids, buffer)
+                gathered = True
             except Exception:
                 logger.exception("cwm: gather failed for %s", job.req_id)
-                rows = None
+                gathered = False
             with self._lock:
-                self._gathered.add(job.req_id)
-            if rows is None:
+                self._gathered.add(job.req_id)  # vLLM may free the blocks now
+            if gathered:
+                self._store_rows(catalog, job.block_hashes, buffer)
+            else:
                 self._report_stored([], job.block_hashes)
-                continue
-            self._store_rows(catalog, job.block_hashes, rows)
+            self.pool.give(buffer)
             self.stats.flush(force=True)
         catalog.close()
 
-    def _store_rows(self, catalog: Catalog, hashes: list[bytes], rows: torch.Tensor) -> None:
+    def _store_rows(self, catalog: Catalog, hashes: list[bytes], buffer: StagingBuffer) -> None:
         blocks: list[tuple[bytes, bytes]] = []
         blobs: list[tuple[bytes, int, int, str]] = []
         written: set[bytes] = set()
         try:
-            for block_hash, row in zip(hashes, rows, strict=True):
-                raw = row.numpy()
-                dig = digest(raw)
+            for index, block_hash in enumerate(hashes):
+                segments = buffer.segments(index)
+                dig = digest_segments(segments)
                 if dig not in written and not (catalog.has_blob(dig) and self.disk.contains(dig)):
-                    stored = self.disk.put(dig, raw, self.cfg.compression)
-                    blobs.append((dig, raw.nbytes, stored, self.cfg.compression))
+                    stored = self.disk.put(dig, segments, self.cfg.compression)
+                    blobs.append((dig, self.layout.block_bytes, stored, self.cfg.compression))
                     written.add(dig)
                     self.stats.add("stored_bytes", stored)
                 blocks.append((block_hash, dig))
@@ -207,6 +226,8 @@ class CwmWorker:
     # -- stage thread ------------------------------------------------------
     def _stage_loop(self) -> None:
         catalog = Catalog(self.catalog_path)
+        prewarm_bytes = min(self.cfg.memory_bytes, PREWARM_BYTES)
+        self.pool.prewarm(min(self.layout.num_blocks, prewarm_bytes // self.layout.block_bytes))
         while (job := self._stage_q.get()) is not None:
             with self._lock:
                 if job.job_id in self._dropped:
@@ -222,10 +243,12 @@ class CwmWorker:
                 if job.job_id in self._dropped:
                     self._dropped.discard(job.job_id)
                     continue
-                num = 0 if staged is None else staged.rows.shape[0]
+                num = 0 if staged is None else staged.num_blocks
                 if staged is not None and num:
                     self._staged[job.job_id] = staged
-                    self._staged_bytes += staged.rows.numel()
+                    self._staged_bytes += num * self.layout.block_bytes
+                elif staged is not None:
+                    self.pool.give(staged.buffer)
                 self._report.staged[job.job_id] = num
             logger.info(
                 "cwm: staged %d/%d blocks (%.1f MB) in %.1f ms",
@@ -242,41 +265,53 @@ class CwmWorker:
         if len(wanted) < len(job.block_hashes):
             self.stats.add("stage_budget_cut_blocks", len(job.block_hashes) - len(wanted))
         found = catalog.digests_for(self.fp_id, wanted)
-        rows = torch.empty((len(wanted), self.layout.block_bytes), dtype=torch.uint8)
-        digests: list[bytes] = []
-        for i, block_hash in enumerate(wanted):
-            dig = found.get(block_hash)
-            if dig is None or not self._read_blob(catalog, block_hash, dig, rows[i]):
-                break
-            digests.append(dig)
-        self.stats.add("staged_blocks", len(digests))
-        return _Staged(rows[: len(digests)], digests)
+        digests = _leading([found.get(h) for h in wanted])
+        buffer = self.pool.take(len(digests))
 
-    def _read_blob(
-        self, catalog: Catalog, block_hash: bytes, dig: bytes, row: torch.Tensor
-    ) -> bool:
+        def read(index: int) -> str | None:
+            return self._read_blob(wanted[index], digests[index], buffer.segments(index))
+
+        # Two readers overlap the kernel's page-cache copies (the GIL is released there).
+        failures = list(self._readers.map(read, range(len(digests))))
+        for dig, failure in zip(digests, failures, strict=True):
+            if failure in ("corrupt", "missing"):
+                catalog.forget_blob(dig)  # the next capture of this content heals it
+        num_ok = next((i for i, failure in enumerate(failures) if failure), len(failures))
+        self.stats.add("staged_blocks", num_ok)
+        return _Staged(buffer, digests[:num_ok])
+
+    def _read_blob(self, block_hash: bytes, dig: bytes, segments: list[memoryview]) -> str | None:
+        """Read one verified blob into segments; on failure log, count, return its kind."""
         try:
-            self.disk.read_into(dig, memoryview(row.numpy()))
-            return True
+            self.disk.read_into(dig, segments)
+            return None
         except BlobCorruptError as exc:
             logger.error(
                 "cwm: blob %s of block %s failed verification (%s); not loading it, "
                 "tokens will be recomputed",
-                dig.hex(),
-                block_hash.hex()[:16],
-                exc,
-            )
+                dig.hex(), block_hash.hex()[:16], exc,
+            )  # fmt: skip
             self.stats.add("digest_errors")
             self.disk.quarantine(dig)
+            return "corrupt"
         except BlobMissingError as exc:
             logger.error("cwm: %s (block %s); recomputing", exc, block_hash.hex()[:16])
             self.stats.add("missing_blobs")
+            return "missing"
         except CwmError as exc:
             logger.error("cwm: cannot read blob %s: %s", dig.hex(), exc)
             self.stats.add("read_errors")
-            return False
-        catalog.forget_blob(dig)
-        return False
+            return "io"
+
+
+def _leading(values: list[bytes | None]) -> list[bytes]:
+    """The values before the first None."""
+    out: list[bytes] = []
+    for value in values:
+        if value is None:
+            break
+        out.append(value)
+    return out
 
 
 def catalog_path(store_dir: Path) -> Path:

@@ -35,16 +35,16 @@ def test_disk_round_trip_is_bit_exact(tmp_path: Path, codec: str) -> None:
     disk = DiskTier(tmp_path)
     for raw in payloads():
         dig = blob.digest(raw)
-        disk.put(dig, raw, codec)
+        disk.put(dig, [raw], codec)
         out = bytearray(len(raw))
-        disk.read_into(dig, memoryview(out))
+        disk.read_into(dig, [memoryview(out)])
         assert bytes(out) == raw
 
 
 def test_zstd_plane_split_shrinks_bf16(tmp_path: Path) -> None:
     raw = payloads()[0]
     disk = DiskTier(tmp_path)
-    stored = disk.put(blob.digest(raw), raw, "zstd")
+    stored = disk.put(blob.digest(raw), [raw], "zstd")
     assert stored < len(raw)
 
 
@@ -53,27 +53,27 @@ def test_flipped_byte_is_refused(tmp_path: Path, codec: str) -> None:
     disk = DiskTier(tmp_path)
     raw = payloads()[0]
     dig = blob.digest(raw)
-    disk.put(dig, raw, codec)
+    disk.put(dig, [raw], codec)
     path = disk.path_for(dig)
     data = bytearray(path.read_bytes())
     data[blob.HEADER_SIZE + 100] ^= 0x01  # same length, one bit
     path.write_bytes(bytes(data))
     with pytest.raises(BlobCorruptError):
-        disk.read_into(dig, memoryview(bytearray(len(raw))))
+        disk.read_into(dig, [memoryview(bytearray(len(raw)))])
 
 
 def test_truncated_and_missing_blobs(tmp_path: Path) -> None:
     disk = DiskTier(tmp_path)
     raw = payloads()[1]
     dig = blob.digest(raw)
-    disk.put(dig, raw)
+    disk.put(dig, [raw])
     path = disk.path_for(dig)
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(BlobCorruptError):
-        disk.read_into(dig, memoryview(bytearray(len(raw))))
+        disk.read_into(dig, [memoryview(bytearray(len(raw)))])
     path.unlink()
     with pytest.raises(BlobMissingError):
-        disk.read_into(dig, memoryview(bytearray(len(raw))))
+        disk.read_into(dig, [memoryview(bytearray(len(raw)))])
 
 
 def test_header_is_the_documented_layout(tmp_path: Path) -> None:
@@ -130,3 +130,17 @@ def test_config_precedence_and_validation() -> None:
         CwmConfig.resolve({"capture": "sometimes"}, {})
     with pytest.raises(ConfigError):
         CwmConfig.resolve({"memory_bytes": "lots"}, {})
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_segmented_write_and_read_equal_the_joined_blob(tmp_path: Path, codec: str) -> None:
+    raw = payloads()[0]
+    parts = [raw[:1000], raw[1000:5000], raw[5000:]]
+    disk = DiskTier(tmp_path)
+    dig = blob.digest_segments(parts)
+    assert dig == blob.digest(raw)
+    disk.put(dig, parts, codec)
+    assert disk.path_for(dig).read_bytes() == blob.encode(raw, codec)
+    outs = [bytearray(len(p)) for p in parts]
+    disk.read_into(dig, [memoryview(o) for o in outs])
+    assert b"".join(outs) == raw
