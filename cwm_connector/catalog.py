@@ -40,6 +40,24 @@ CREATE TABLE IF NOT EXISTS blocks (
     PRIMARY KEY (fp_id, block_hash)
 );
 CREATE INDEX IF NOT EXISTS blocks_digest ON blocks (digest);
+CREATE TABLE IF NOT EXISTS windows (
+    name TEXT PRIMARY KEY,
+    salt TEXT NOT NULL,
+    engine_fp TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    token_ids BLOB NOT NULL,
+    num_tokens INTEGER NOT NULL,
+    created REAL NOT NULL,
+    parent TEXT
+);
+CREATE TABLE IF NOT EXISTS window_blocks (
+    name TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    block_hash BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (name, idx)
+);
+CREATE INDEX IF NOT EXISTS window_blocks_digest ON window_blocks (digest);
 """
 
 
@@ -120,6 +138,126 @@ class Catalog:
                 "VALUES (?, ?, ?, ?)",
                 [(fp_id, h, d, now) for h, d in blocks],
             )
+
+    def digests_for_engine(self, engine_fp: str, hashes: Sequence[bytes]) -> dict[bytes, bytes]:
+        """Map each hash stored under any full fingerprint of this engine to its digest."""
+        found: dict[bytes, bytes] = {}
+        for chunk in _chunks(hashes):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT block_hash, digest FROM blocks WHERE block_hash IN (" + marks + ") "
+                "AND fp_id IN (SELECT fp_id FROM fingerprints WHERE engine_fp = ?)",
+                (*chunk, engine_fp),
+            )
+            found.update((row[0], row[1]) for row in rows)
+        return found
+
+    def engine_fp_ids(self, engine_fp: str) -> list[str]:
+        """The full fingerprints (one per worker rank/layout) registered for an engine."""
+        rows = self._db.execute("SELECT fp_id FROM fingerprints WHERE engine_fp = ?", (engine_fp,))
+        return [row[0] for row in rows]
+
+    def blob_sizes(self, digests: Sequence[bytes]) -> dict[bytes, tuple[int, int]]:
+        """digest -> (raw bytes, stored bytes) for the blobs the catalog knows."""
+        found: dict[bytes, tuple[int, int]] = {}
+        for chunk in _chunks(digests):
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT digest, raw_bytes, stored_bytes FROM blobs WHERE digest IN (" + marks + ")",
+                tuple(chunk),
+            )
+            found.update((row[0], (row[1], row[2])) for row in rows)
+        return found
+
+    # -- windows -----------------------------------------------------------
+    def insert_window(
+        self,
+        row: dict[str, object],
+        blocks: Sequence[tuple[bytes, bytes]],
+        *,
+        replace: bool = False,
+        block_rows: Sequence[tuple[str, bytes, bytes]] = (),
+        blob_rows: Sequence[tuple[bytes, int, int, str]] = (),
+    ) -> bool:
+        """Add a window, its (hash, digest) list, and any block/blob rows it needs, atomically.
+
+        Returns False (and writes nothing) when the name exists and replace is False.
+        """
+        now = time.time()
+        with self._transaction():
+            exists = self._db.execute("SELECT 1 FROM windows WHERE name = ?", (row["name"],))
+            if exists.fetchone() is not None:
+                if not replace:
+                    return False
+                self._db.execute("DELETE FROM window_blocks WHERE name = ?", (row["name"],))
+                self._db.execute("DELETE FROM windows WHERE name = ?", (row["name"],))
+            self._db.executemany(
+                "INSERT OR IGNORE INTO blobs (digest, raw_bytes, stored_bytes, codec, created) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(*b, now) for b in blob_rows],
+            )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO blocks (fp_id, block_hash, digest, created) "
+                "VALUES (?, ?, ?, ?)",
+                [(*b, now) for b in block_rows],
+            )
+            self._db.execute(
+                "INSERT INTO windows (name, salt, engine_fp, fingerprint, token_ids, num_tokens, "
+                "created, parent) VALUES (:name, :salt, :engine_fp, :fingerprint, :token_ids, "
+                ":num_tokens, :created, :parent)",
+                row,
+            )
+            self._db.executemany(
+                "INSERT INTO window_blocks (name, idx, block_hash, digest) VALUES (?, ?, ?, ?)",
+                [(row["name"], i, h, d) for i, (h, d) in enumerate(blocks)],
+            )
+        return True
+
+    def get_window(self, name: str) -> tuple[dict[str, object], list[tuple[bytes, bytes]]] | None:
+        """A window's row and its ordered (hash, digest) list, or None."""
+        cur = self._db.execute(
+            "SELECT name, salt, engine_fp, fingerprint, token_ids, num_tokens, created, parent "
+            "FROM windows WHERE name = ?",
+            (name,),
+        )
+        found = cur.fetchone()
+        if found is None:
+            return None
+        keys = [c[0] for c in cur.description]
+        blocks = self._db.execute(
+            "SELECT block_hash, digest FROM window_blocks WHERE name = ? ORDER BY idx", (name,)
+        ).fetchall()
+        return dict(zip(keys, found, strict=True)), [(h, d) for h, d in blocks]
+
+    def window_names(self) -> list[str]:
+        """Every window name, sorted."""
+        return [row[0] for row in self._db.execute("SELECT name FROM windows ORDER BY name")]
+
+    def delete_window(self, name: str) -> list[bytes] | None:
+        """Remove a window; return the digests no other window references (None if absent)."""
+        with self._transaction():
+            digests = [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT DISTINCT digest FROM window_blocks WHERE name = ?", (name,)
+                )
+            ]
+            cur = self._db.execute("DELETE FROM windows WHERE name = ?", (name,))
+            if cur.rowcount == 0:
+                return None
+            self._db.execute("DELETE FROM window_blocks WHERE name = ?", (name,))
+            orphans = [
+                d
+                for d in digests
+                if self._db.execute(
+                    "SELECT 1 FROM window_blocks WHERE digest = ? LIMIT 1", (d,)
+                ).fetchone()
+                is None
+            ]
+            for dig in orphans:  # unpinned: drop the rows; the caller deletes the files
+                self._db.execute("DELETE FROM blocks WHERE digest = ?", (dig,))
+                self._db.execute("DELETE FROM blobs WHERE digest = ?", (dig,))
+        return orphans
 
     def has_blob(self, digest: bytes) -> bool:
         """Whether a blob row exists for this digest."""

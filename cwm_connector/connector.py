@@ -21,6 +21,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from cwm_connector.catalog import Catalog
 from cwm_connector.config import CwmConfig
+from cwm_connector.control import ControlServer
+from cwm_connector.errors import CwmError
 from cwm_connector.fingerprint import (
     canonical_id,
     engine_fingerprint,
@@ -29,7 +31,9 @@ from cwm_connector.fingerprint import (
 )
 from cwm_connector.plans import StepPlan, WorkerReport
 from cwm_connector.scheduler import CwmScheduler
-from cwm_connector.stats import Stats
+from cwm_connector.sessions import SessionTable
+from cwm_connector.stats import Stats, read_stats
+from cwm_connector.windows import WindowService
 from cwm_connector.worker import CwmWorker, catalog_path
 
 if TYPE_CHECKING:
@@ -122,12 +126,43 @@ class CWMConnector(KVConnectorBase_V1):
             restore=stable,
             stage_timeout_s=self.cfg.stage_timeout_s,
         )
+        self._sessions = SessionTable()
+        self._control = self._start_control(vllm_config)
         logger.info(
             "cwm: connector ready (store %s, capture=%s, engine fingerprint %s)",
             self.cfg.store_path,
             self.cfg.capture,
             self._engine_fp_id[:12],
         )
+
+    def _start_control(self, vllm_config: VllmConfig) -> ControlServer | None:
+        """Serve window ops on the control socket; a failure disables only the socket."""
+        model = vllm_config.model_config
+        service = WindowService(
+            store_dir=self.cfg.store_path,
+            engine_fp=self._engine_fp,
+            engine_fp_id=self._engine_fp_id,
+            block_size=self._block_size,
+            hash_algo=vllm_config.cache_config.prefix_caching_hash_algo,
+            sessions=self._sessions,
+            detokenize=_Detokenizer(model.tokenizer, model.trust_remote_code),
+            stats=self._stats_snapshot,
+        )
+        server = ControlServer(self.cfg.control_socket_path, service.handle)
+        try:
+            server.start()
+        except (CwmError, OSError) as exc:
+            logger.error("cwm: control socket disabled: %s", exc)
+            return None
+        logger.info("cwm: control socket at %s", self.cfg.control_socket_path)
+        return server
+
+    def _stats_snapshot(self) -> dict[str, Any]:
+        assert self._scheduler is not None
+        return {
+            "scheduler": asdict(self._scheduler.counters),
+            "worker": read_stats(self.cfg.store_path),
+        }
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -197,9 +232,11 @@ class CWMConnector(KVConnectorBase_V1):
         return None if report is None else CwmWorkerMetadata([report])
 
     def shutdown(self) -> None:
-        """Let queued writes finish (bounded)."""
+        """Let queued writes finish (bounded); close the control socket."""
         if self._worker is not None:
             self._worker.shutdown()
+        if getattr(self, "_control", None) is not None:
+            self._control.stop()
 
     # -- scheduler side ----------------------------------------------------
     def get_num_new_matched_tokens(
@@ -241,6 +278,13 @@ class CWMConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         """Keep a finished request's new full blocks until the worker copied them."""
         assert self._scheduler is not None
+        if request.cache_salt:
+            num_full = min(
+                len(request.block_hashes), request.num_computed_tokens // self._block_size
+            )
+            self._sessions.record(
+                request.cache_salt, list(request.all_token_ids), request.block_hashes[:num_full]
+            )
         keep = self._scheduler.request_finished(
             request.request_id,
             request.cache_salt,
@@ -255,6 +299,24 @@ class CWMConnector(KVConnectorBase_V1):
         for name, value in asdict(self._scheduler.counters).items():
             self._sched_stats.set(name, value)
         self._sched_stats.flush(force=True)  # writes only when a counter changed
+
+
+class _Detokenizer:
+    """Loads the model's tokenizer on first use (only thaw needs it)."""
+
+    def __init__(self, name: str, trust_remote_code: bool):
+        self._name = name
+        self._trust = trust_remote_code
+        self._tokenizer: Any = None
+
+    def __call__(self, token_ids: list[int]) -> str:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self._name, trust_remote_code=self._trust
+            )
+        return str(self._tokenizer.decode(token_ids, skip_special_tokens=False))
 
 
 def _tp_rank() -> int:

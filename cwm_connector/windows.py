@@ -1,0 +1,358 @@
+"""Window operations (scheduler process, control-socket threads): freeze, thaw, list,
+status, clone, delete, export, import, stats.
+
+A window is a durable, named manifest of a session: its token ids, the ordered
+block hashes of its full blocks, their blob digests, and the engine fingerprint.
+Blobs are shared (content-addressed); a window pins the blobs it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from cwm_connector.blob import digest as blob_digest
+from cwm_connector.catalog import Catalog
+from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
+from cwm_connector.fingerprint import differing_fields
+from cwm_connector.hash_chain import block_hash_chain
+from cwm_connector.sessions import SessionTable, salt_digest
+from cwm_connector.tier_disk import DiskTier
+from cwm_connector.window_io import EXPORT_FORMAT, read_export
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+FREEZE_POLL_S = 0.05
+
+
+class WindowError(CwmError):
+    """A window operation that cannot be done as asked."""
+
+    code = "bad_request"
+
+
+def validate_name(name: object) -> str:
+    """A window name: 1-128 of [A-Za-z0-9._-], not starting with a dot or dash."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise WindowError(
+            f"invalid window name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            code="bad_name",
+        )
+    return name
+
+
+class WindowService:
+    """Implements the window ops against the catalog, the disk tier and the sessions table."""
+
+    def __init__(
+        self,
+        *,
+        store_dir: Path,
+        engine_fp: dict[str, Any],
+        engine_fp_id: str,
+        block_size: int,
+        hash_algo: str,
+        sessions: SessionTable,
+        detokenize: Callable[[list[int]], str],
+        stats: Callable[[], dict[str, Any]],
+        freeze_timeout_s: float = 60.0,
+    ):
+        self.store_dir = store_dir
+        self.disk = DiskTier(store_dir)
+        self.engine_fp = engine_fp
+        self.engine_fp_id = engine_fp_id
+        self.block_size = block_size
+        self.hash_algo = hash_algo
+        self.sessions = sessions
+        self._detokenize = detokenize
+        self._stats = stats
+        self.freeze_timeout_s = freeze_timeout_s
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+
+    @property
+    def catalog(self) -> Catalog:
+        """This thread's catalog connection."""
+        cat = getattr(self._local, "catalog", None)
+        if cat is None:
+            cat = self._local.catalog = Catalog(self.store_dir / "catalog.sqlite")
+        return cat
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        """Dispatch one control-socket request."""
+        handler = OPS.get(op)
+        if handler is None:
+            raise CwmError(f"unknown op {op!r}; known: {', '.join(sorted(OPS))}", code="unknown_op")
+        try:
+            return handler(self, **args)
+        except TypeError as exc:
+            raise WindowError(f"bad arguments for {op}: {exc}") from exc
+
+    # -- ops -----------------------------------------------------------------
+    def ping(self) -> dict[str, Any]:
+        from cwm_connector import __version__
+        from cwm_connector.protocol import PROTOCOL_VERSION
+
+        return {"version": __version__, "protocol": PROTOCOL_VERSION, "engine": self.engine_fp_id}
+
+    def freeze(self, salt: str, name: str, overwrite: bool = False) -> dict[str, Any]:
+        name = validate_name(name)
+        session = self.sessions.get(_text(salt, "salt"))
+        if session is None:
+            raise WindowError(
+                "no finished request with this salt since vLLM started: send the session's "
+                "requests with cache_salt, then freeze",
+                code="unknown_session",
+            )
+        if not overwrite and self.catalog.get_window(name) is not None:
+            raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
+        hashes = list(session.block_hashes)
+        found = self._wait_durable(hashes)
+        blocks = [(h, found[h]) for h in hashes]
+        row = self._row(name, session.salt, list(session.token_ids), parent=None)
+        if not self.catalog.insert_window(row, blocks, replace=overwrite):
+            raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
+        return self._describe(name)
+
+    def thaw(self, name: str) -> dict[str, Any]:
+        row, blocks = self._load(name)
+        self._check_fingerprint(name, row)
+        stored = self.catalog.digests_for_engine(self.engine_fp_id, [h for h, _ in blocks])
+        missing = [h for h, _ in blocks if h not in stored]
+        if missing:
+            raise WindowError(
+                f"window {name!r}: {len(missing)} blocks are not in this store",
+                code="window_damaged",
+            )
+        bad = self._verify_blobs([d for _, d in blocks])
+        if bad:
+            raise WindowError(
+                f"window {name!r}: {len(bad)} of {len(blocks)} blobs are missing or corrupt "
+                f"(first: {bad[0].hex()}); nothing was loaded",
+                code="window_damaged",
+            )
+        token_ids = msgpack.unpackb(row["token_ids"])
+        return {**self._describe(name), "token_ids": token_ids, "text": self._detokenize(token_ids)}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self._describe(name) for name in self.catalog.window_names()]
+
+    def status(self, name: str) -> dict[str, Any]:
+        _, blocks = self._load(name)
+        bad = self._verify_blobs([d for _, d in blocks])
+        return {**self._describe(name), "complete": not bad, "damaged_blobs": len(bad)}
+
+    def clone(self, src: str, dst: str, salt: str | None = None) -> dict[str, Any]:
+        row, blocks = self._load(src)
+        dst = validate_name(dst)
+        self._check_fingerprint(src, row)
+        token_ids = msgpack.unpackb(row["token_ids"])
+        new_salt = str(row["salt"]) if salt is None else _text(salt, "salt")
+        block_rows: list[tuple[str, bytes, bytes]] = []
+        if new_salt != row["salt"]:
+            # Re-key the same blobs under the new salt's hash chain: no tensor copy.
+            hashes = block_hash_chain(token_ids, self.block_size, new_salt, self.hash_algo)
+            blocks = [(h, d) for h, (_, d) in zip(hashes, blocks, strict=False)]
+            block_rows = [
+                (fp, h, d)
+                for fp in self.catalog.engine_fp_ids(self.engine_fp_id)
+                for h, d in blocks
+            ]
+        new_row = self._row(dst, new_salt, token_ids, parent=src)
+        if not self.catalog.insert_window(new_row, blocks, block_rows=block_rows):
+            raise WindowError(f"window {dst!r} exists", code="window_exists")
+        return self._describe(dst)
+
+    def delete(self, name: str) -> dict[str, Any]:
+        validate_name(name)
+        with self._write_lock:
+            sizes_before = self.catalog.totals()["stored_bytes"]
+            orphans = self.catalog.delete_window(name)
+            if orphans is None:
+                raise WindowError(f"no window named {name!r}", code="window_not_found")
+            for dig in orphans:  # rows went first: a crash here leaves only orphan files
+                self.disk.delete(dig)
+            freed = sizes_before - self.catalog.totals()["stored_bytes"]
+        return {"name": name, "deleted": True, "freed_blobs": len(orphans), "freed_bytes": freed}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self._stats(),
+            "store": {**self.catalog.totals(), "windows": len(self.catalog.window_names())},
+            "sessions": len(self.sessions.summary()),
+        }
+
+    def export(self, name: str, file: str) -> dict[str, Any]:
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        row, blocks = self._load(name)
+        path = _user_path(file)
+        sizes = self.catalog.blob_sizes([d for _, d in blocks])
+        raw_len = sizes[blocks[0][1]][0] if blocks else 0
+        data = np.empty((len(blocks), raw_len), dtype=np.uint8)
+        for i, (_, dig) in enumerate(blocks):
+            self.disk.read_into(dig, [memoryview(data[i])])
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "name": name,
+            "salt": row["salt"],
+            "token_ids": msgpack.unpackb(row["token_ids"]),
+            "block_size": self.block_size,
+            "hash_algo": self.hash_algo,
+            "block_hashes": [h.hex() for h, _ in blocks],
+            "digests": [d.hex() for _, d in blocks],
+            "fingerprint": json.loads(str(row["fingerprint"])),
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"blocks": data}, str(tmp), metadata={"cwm": json.dumps(manifest)})
+        os.replace(tmp, path)
+        return {"name": name, "file": str(path), "bytes": path.stat().st_size}
+
+    def import_(self, file: str, name: str | None = None) -> dict[str, Any]:
+        manifest, data = read_export(_user_path(file, must_exist=True))
+        name = validate_name(name if name is not None else manifest["name"])
+        diff = differing_fields(manifest["fingerprint"], self.engine_fp)
+        if diff:
+            raise WindowError(
+                f"window was exported from another engine; differing fields: {', '.join(diff)}",
+                code="fingerprint_mismatch",
+            )
+        token_ids = manifest["token_ids"]
+        expected = block_hash_chain(token_ids, self.block_size, manifest["salt"], self.hash_algo)
+        hashes = [bytes.fromhex(h) for h in manifest["block_hashes"]]
+        if hashes != expected[: len(hashes)] or len(hashes) != data.shape[0]:
+            raise WindowError(
+                "import refused: the block hashes do not belong to the window's tokens and salt",
+                code="bad_import",
+            )
+        digests = [bytes.fromhex(d) for d in manifest["digests"]]
+        blob_rows = []
+        for i, dig in enumerate(digests):
+            if blob_digest(data[i]) != dig:
+                raise WindowError(
+                    f"import refused: block {i} does not match its digest", code="bad_import"
+                )
+        for i, dig in enumerate(digests):
+            if not self.disk.contains(dig):
+                stored = self.disk.put(dig, [memoryview(data[i])])
+                blob_rows.append((dig, data.shape[1], stored, "none"))
+        fps = self.catalog.engine_fp_ids(self.engine_fp_id)
+        block_rows = [(fp, h, d) for fp in fps for h, d in zip(hashes, digests, strict=True)]
+        row = self._row(name, manifest["salt"], token_ids, parent=None)
+        blocks = list(zip(hashes, digests, strict=True))
+        if not self.catalog.insert_window(row, blocks, block_rows=block_rows, blob_rows=blob_rows):
+            raise WindowError(f"window {name!r} exists", code="window_exists")
+        return self._describe(name)
+
+    # -- helpers -------------------------------------------------------------
+    def _row(
+        self, name: str, salt: str, token_ids: list[int], parent: str | None
+    ) -> dict[str, object]:
+        return {
+            "name": name,
+            "salt": salt,
+            "engine_fp": self.engine_fp_id,
+            "fingerprint": json.dumps(self.engine_fp, sort_keys=True, default=str),
+            "token_ids": msgpack.packb(list(token_ids)),
+            "num_tokens": len(token_ids),
+            "created": time.time(),
+            "parent": parent,
+        }
+
+    def _load(self, name: str) -> tuple[dict[str, object], list[tuple[bytes, bytes]]]:
+        found = self.catalog.get_window(validate_name(name))
+        if found is None:
+            raise WindowError(f"no window named {name!r}", code="window_not_found")
+        return found
+
+    def _describe(self, name: str) -> dict[str, Any]:
+        row, blocks = self._load(name)
+        sizes = self.catalog.blob_sizes([d for _, d in blocks])
+        return {
+            "name": row["name"],
+            "salt": row["salt"],
+            "session": salt_digest(str(row["salt"])),
+            "tokens": row["num_tokens"],
+            "blocks": len(blocks),
+            "bytes": sum(sizes.get(d, (0, 0))[0] for _, d in blocks),
+            "stored_bytes": sum(sizes.get(d, (0, 0))[1] for _, d in set(blocks)),
+            "created": row["created"],
+            "parent": row["parent"],
+            "fingerprint": str(row["engine_fp"])[:16],
+            "tiers": ["disk"],
+        }
+
+    def _check_fingerprint(self, name: str, row: dict[str, object]) -> None:
+        diff = differing_fields(json.loads(str(row["fingerprint"])), self.engine_fp)
+        if diff:
+            raise WindowError(
+                f"window {name!r} was frozen under another engine; differing fields: "
+                f"{', '.join(diff)}; nothing was loaded",
+                code="fingerprint_mismatch",
+            )
+
+    def _wait_durable(self, hashes: list[bytes]) -> dict[bytes, bytes]:
+        deadline = time.monotonic() + self.freeze_timeout_s
+        while True:
+            found = self.catalog.digests_for_engine(self.engine_fp_id, hashes)
+            if len(found) == len(set(hashes)):
+                return found
+            if time.monotonic() > deadline:
+                raise WindowError(
+                    f"{len(set(hashes)) - len(found)} of {len(hashes)} blocks are not durable "
+                    f"after {self.freeze_timeout_s:.0f}s (capture failed or is still running)",
+                    code="not_durable",
+                    retryable=True,
+                )
+            time.sleep(FREEZE_POLL_S)
+
+    def _verify_blobs(self, digests: list[bytes]) -> list[bytes]:
+        sizes = self.catalog.blob_sizes(digests)
+        bad = []
+        for dig in dict.fromkeys(digests):
+            raw_len = sizes.get(dig, (0, 0))[0]
+            try:
+                self.disk.read_into(dig, [memoryview(bytearray(raw_len))])
+            except (BlobCorruptError, BlobMissingError, CwmError):
+                bad.append(dig)
+        return bad
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
+        raise WindowError(f"{what} must be a non-empty string")
+    return value
+
+
+def _user_path(file: object, must_exist: bool = False) -> Path:
+    if not isinstance(file, str) or not file or "\x00" in file:
+        raise WindowError("file must be a path")
+    path = Path(file).expanduser()
+    if not path.is_absolute():
+        raise WindowError("file must be an absolute path (the server resolves it)")
+    if must_exist and not path.is_file():
+        raise WindowError(f"no such file: {path}", code="not_found")
+    return path
+
+
+OPS: dict[str, Callable[..., Any]] = {
+    "ping": WindowService.ping,
+    "freeze": WindowService.freeze,
+    "thaw": WindowService.thaw,
+    "list": WindowService.list,
+    "status": WindowService.status,
+    "clone": WindowService.clone,
+    "delete": WindowService.delete,
+    "export": WindowService.export,
+    "import": WindowService.import_,
+    "stats": WindowService.stats,
+}
