@@ -1,8 +1,8 @@
-"""The first-run demo: a real vLLM server with cwm, a restart, and a lossless restore.
+"""The first-run demo: a session, `freeze`, a vLLM restart, `thaw`, the next turn.
 
 Without --model it builds a tiny random-weight model (no download), so it runs
-on any machine. It prints cold, prefix-hit and restored TTFT and whether the
-restored reply equals vLLM's own prefix-cache hit token for token.
+on any machine. It prints cold, prefix-hit and thawed TTFT and whether the
+thawed reply equals vLLM's own prefix-cache hit token for token.
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import argparse
 import os
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cwm_connector.stats import read_stats
+from cwm_connector.client import ControlClient
 from cwm_connector.tiny_model import build_tiny_model, make_prompt
 from cwm_connector.vllm_process import VllmServer, kv_transfer_config
 
 SALT = "demo-session-7f3a"  # the session's cache_salt: its KV is private to it
+WINDOW = "demo-window"
+FOLLOW_UP = " And what did the keeper write about the winter storms?"
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 PARAGRAPH = (
     "The archive kept every letter the lighthouse keeper wrote, one a week for forty years, "
@@ -47,19 +48,22 @@ def session_prompt(model: str, built: bool, num_tokens: int) -> str:
     return PARAGRAPH * max(1, num_tokens // 30)  # ~30 tokens a paragraph on common tokenizers
 
 
-def wait_for_capture(store: Path, num_blocks: int, timeout_s: float = 120.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = read_stats(store).get("captured_blocks", 0)
-        if done >= num_blocks:
-            return done
-        time.sleep(0.2)
-    return read_stats(store).get("captured_blocks", 0)
-
-
 def outputs(resp: dict[str, Any]) -> tuple[list[str], list[float]]:
     lp = resp["choices"][0]["logprobs"]
     return lp["tokens"], lp["token_logprobs"]
+
+
+def continuation_ids(model: str, num_tokens: int, block_size: int) -> list[int]:
+    """A follow-up turn, trimmed to end inside the window's last block.
+
+    Then the reference run (vLLM still holding the prefix) and the thawed run
+    load exactly the window's blocks and compute the same tokens.
+    """
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model).encode(FOLLOW_UP, add_special_tokens=False)
+    room = block_size - num_tokens % block_size - 1
+    return ids[: max(1, room)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,13 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = str(build_tiny_model(work / "model"))
         print(f"    {model}")
     prompt = session_prompt(model, built, args.prompt_tokens)
-    extra = {"store_dir": str(store)}
-    connector = kv_transfer_config(extra)
+    connector = kv_transfer_config({"store_dir": str(store)})
+    control = ControlClient(store / "control.sock")
 
     def serve(name: str) -> VllmServer:
         srv = VllmServer(model, work / "logs" / f"{name}.log", connector=connector)
         step(f"Starting vLLM with the cwm connector ({name}); log: {srv.log_path}")
-        print("    " + " ".join(srv.command()[:3]) + " ... --kv-transfer-config '" + "...'")
         srv.start()
         srv.complete("warm up", salt=None, max_tokens=2)  # first-call overheads, not captured
         return srv
@@ -92,37 +95,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"    TTFT {cold['ttft_s'] * 1000:.0f} ms, reply: {cold['choices'][0]['text'][:60]!r}"
         )
-        step("Same request again: vLLM's own in-memory prefix-cache hit (the reference)")
-        ref = srv.complete(prompt, SALT, args.max_tokens)
+        step(f"cwm freeze {SALT} {WINDOW}")
+        window = control.call("freeze", salt=SALT, name=WINDOW)
+        print(
+            f"    window {window['name']!r}: {window['tokens']} tokens, {window['blocks']} blocks,"
+        )
+        print(f"    {window['bytes'] / 1e6:.1f} MB of KV on disk (durable)")
+        token_ids = control.call("thaw", name=WINDOW)["token_ids"]
+        follow = continuation_ids(model, len(token_ids), srv.block_size)
+        step("Next turn while vLLM still holds the prefix (the reference)")
+        ref = srv.complete(token_ids + follow, SALT, args.max_tokens)
         print(f"    TTFT {ref['ttft_s'] * 1000:.0f} ms")
-        num_blocks = (cold["usage"]["total_tokens"] - 1) // srv.block_size
-        captured = wait_for_capture(store, num_blocks)
-        print(f"    cwm captured {captured} KV blocks into {store}")
     finally:
         srv.stop()
-    step("vLLM stopped: its GPU/CPU prefix cache is gone")
+    step("vLLM stopped: its in-memory prefix cache is gone")
 
     srv = serve("after restart")
     try:
-        step("Same session after the restart: cwm restores its KV blocks")
-        restored = srv.complete(prompt, SALT, args.max_tokens)
+        step(f"cwm thaw {WINDOW}")
+        thawed = control.call("thaw", name=WINDOW)
+        text = thawed["text"][:50]
+        print(f"    {len(thawed['token_ids'])} tokens back, blobs verified; text: {text!r}...")
+        step("Next turn after the restart: the same request, KV loaded from the window")
+        restored = srv.complete(thawed["token_ids"] + follow, SALT, args.max_tokens)
         hits = int(srv.metric(EXTERNAL_HITS))
     finally:
         srv.stop()
 
     match = outputs(restored) == outputs(ref)
-    rows = [
-        ("cold prefill", cold["ttft_s"]),
-        ("vLLM prefix-cache hit (same process)", ref["ttft_s"]),
-        ("cwm restore after restart", restored["ttft_s"]),
-    ]
     step("Result")
-    for name, seconds in rows:
-        print(f"    {name:<40} TTFT {seconds * 1000:8.0f} ms")
-    print(f"    {'speed-up of restore over cold':<40} {cold['ttft_s'] / restored['ttft_s']:8.1f}x")
+    for name, resp in (("cold prefill", cold), ("vLLM prefix-cache hit (same process)", ref),
+                       ("cwm thaw after restart", restored)):  # fmt: skip
+        print(f"    {name:<40} TTFT {resp['ttft_s'] * 1000:8.0f} ms")
+    print(f"    {'speed-up of thaw over cold':<40} {cold['ttft_s'] / restored['ttft_s']:8.1f}x")
     print(f"    external (cwm) cache hits: {hits} of {restored['usage']['prompt_tokens']} tokens")
     print(
-        f"    restored tokens and logprobs equal the prefix-cache hit's: {'YES' if match else 'NO'}"
+        f"    thawed tokens and logprobs equal the prefix-cache hit's: {'YES' if match else 'NO'}"
     )
     return 0 if match and hits > 0 else 1
 

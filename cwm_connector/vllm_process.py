@@ -119,7 +119,9 @@ class VllmServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
 
-    def complete(self, prompt: str, salt: str | None, max_tokens: int = 8) -> dict[str, Any]:
+    def complete(
+        self, prompt: str | list[int], salt: str | None, max_tokens: int = 8
+    ) -> dict[str, Any]:
         """A greedy, streamed completion with logprobs.
 
         Returns the usual non-streamed JSON shape (`choices[0].text`,

@@ -11,7 +11,9 @@ Every storage error is logged, counted and turned into a miss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -68,7 +70,9 @@ class CwmWorker:
         self._finished_seen: set[str] = set()
         self._load_errors: set[int] = set()
         self._report = WorkerReport(rank)
-        self._readers = ThreadPoolExecutor(NUM_READERS, thread_name_prefix="cwm-read")
+        self._readers = ThreadPoolExecutor(
+            NUM_READERS, thread_name_prefix="cwm-read", initializer=_leave_forward_cores
+        )
         self._capture_q: queue.Queue[CaptureJob | None] = queue.Queue()
         self._stage_q: queue.Queue[StageJob | None] = queue.Queue()
         removed = self.disk.clean_orphan_tmp()
@@ -175,6 +179,7 @@ class CwmWorker:
 
     # -- capture thread ----------------------------------------------------
     def _capture_loop(self) -> None:
+        _leave_forward_cores()
         catalog = Catalog(self.catalog_path)
         while (job := self._capture_q.get()) is not None:
             buffer = self.pool.take(len(job.block_ids))
@@ -225,6 +230,7 @@ class CwmWorker:
 
     # -- stage thread ------------------------------------------------------
     def _stage_loop(self) -> None:
+        _leave_forward_cores()
         catalog = Catalog(self.catalog_path)
         prewarm_bytes = min(self.cfg.memory_bytes, PREWARM_BYTES)
         self.pool.prewarm(min(self.layout.num_blocks, prewarm_bytes // self.layout.block_bytes))
@@ -302,6 +308,16 @@ class CwmWorker:
             logger.error("cwm: cannot read blob %s: %s", dig.hex(), exc)
             self.stats.add("read_errors")
             return "io"
+
+
+def _leave_forward_cores() -> None:
+    """Let this background thread run on any core.
+
+    vLLM's CPU worker pins itself (and so every thread it starts) to the cores
+    of the forward pass; I/O and hashing there would queue behind the model.
+    """
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
 
 def _leading(values: list[bytes | None]) -> list[bytes]:

@@ -96,7 +96,7 @@ def captured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Capt
 
 
 def copy_store(cap: Captured, dest: Path) -> Path:
-    shutil.copytree(cap.store, dest)
+    shutil.copytree(cap.store, dest, ignore=shutil.ignore_patterns("*.sock"))
     shutil.rmtree(dest / "stats", ignore_errors=True)
     return dest
 

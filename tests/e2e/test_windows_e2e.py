@@ -1,0 +1,119 @@
+"""End to end: freeze a session with the `cwm` CLI, restart vLLM, thaw, continue.
+
+The continuation is shorter than the tail of the window's last block, so the
+restored request and the reference (vLLM still holding the prefix) load the same
+blocks and compute the same tokens: their outputs must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cwm_connector.tiny_model import make_prompt
+from cwm_connector.vllm_process import VllmServer, kv_transfer_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+BLOCK = 32
+EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
+CONTINUATION = list(range(100, 120))  # 20 token ids: stays inside the window's last block
+
+
+def cwm(socket: Path, *args: str) -> tuple[int, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cwm_connector.cli", *args, "--socket", str(socket), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def server(model: Path, store: Path, logs: Path, name: str) -> VllmServer:
+    config = kv_transfer_config({"store_dir": str(store), "verify_restore": True})
+    return VllmServer(str(model), logs / f"{name}.log", connector=config)
+
+
+def outputs(resp: dict[str, Any]) -> tuple[list[str], list[float], list[Any]]:
+    lp = resp["choices"][0]["logprobs"]
+    return lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]
+
+
+def blob_files(store: Path) -> int:
+    return len(list((store / "blobs").rglob("*.blob")))
+
+
+def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    sock = store / "control.sock"
+    prompt = make_prompt(tiny_model, 3000, seed=3)
+
+    srv = server(tiny_model, store, tmp_path, "A").start()
+    try:
+        code, err = cwm(sock, "freeze", "s1", "w1")
+        assert code == 1 and err["error"]["code"] == "unknown_session"
+        srv.complete(prompt, salt="s1", max_tokens=8)
+        code, win = cwm(sock, "freeze", "s1", "w1")
+        assert code == 0, win
+        assert win["tokens"] == 3001 + 8 and win["blocks"] == (3001 + 8 - 1) // BLOCK
+        code, err = cwm(sock, "freeze", "s1", "w1")
+        assert code == 1 and err["error"]["code"] == "window_exists"
+        code, err = cwm(sock, "thaw", "../../etc/passwd")
+        assert code == 1 and err["error"]["code"] == "bad_name"
+        code, thawed = cwm(sock, "thaw", "w1")
+        assert code == 0
+        token_ids = thawed["token_ids"]
+        # The reference: vLLM still holds the prefix in its own cache.
+        reference = srv.complete(token_ids + CONTINUATION, salt="s1", max_tokens=8)
+        assert reference["usage"]["prompt_tokens_details"]["cached_tokens"] == win["blocks"] * BLOCK
+    finally:
+        srv.stop()
+
+    srv = server(tiny_model, store, tmp_path, "B").start()
+    try:
+        code, listed = cwm(sock, "list")
+        assert code == 0 and [w["name"] for w in listed] == ["w1"]
+        code, thawed = cwm(sock, "thaw", "w1")
+        assert code == 0 and thawed["token_ids"] == token_ids and thawed["text"]
+        restored = srv.complete(thawed["token_ids"] + CONTINUATION, salt="s1", max_tokens=8)
+        assert srv.metric(EXTERNAL_HITS) == win["blocks"] * BLOCK
+        assert outputs(restored) == outputs(reference)
+
+        before = blob_files(store)
+        code, clone = cwm(sock, "clone", "w1", "w2", "--salt", "s2")
+        assert code == 0 and clone["salt"] == "s2" and clone["blocks"] == win["blocks"]
+        assert blob_files(store) == before  # no tensor was copied
+        other = srv.complete(token_ids + CONTINUATION, salt="s2", max_tokens=8)
+        assert srv.metric(EXTERNAL_HITS) == 2 * win["blocks"] * BLOCK
+        assert outputs(other) == outputs(reference)
+
+        export = tmp_path / "w1.cwm"
+        code, result = cwm(sock, "export", "w1", str(export))
+        assert code == 0 and export.stat().st_size == result["bytes"]
+        code, status = cwm(sock, "status", "w1")
+        assert code == 0 and status["complete"] is True
+    finally:
+        srv.stop()
+
+    fresh = tmp_path / "fresh-store"
+    srv = server(tiny_model, fresh, tmp_path, "C").start()
+    try:
+        code, imported = cwm(fresh / "control.sock", "import", str(export), "--name", "moved")
+        assert code == 0 and imported["blocks"] == win["blocks"]
+        code, thawed = cwm(fresh / "control.sock", "thaw", "moved")
+        assert code == 0 and thawed["token_ids"] == token_ids
+        moved = srv.complete(token_ids + CONTINUATION, salt="s1", max_tokens=8)
+        assert srv.metric(EXTERNAL_HITS) == win["blocks"] * BLOCK
+        assert outputs(moved) == outputs(reference)
+        before = blob_files(fresh)
+        code, deleted = cwm(fresh / "control.sock", "delete", "moved")
+        assert code == 0 and deleted["freed_blobs"] == win["blocks"]
+        assert blob_files(fresh) == before - win["blocks"]
+    finally:
+        srv.stop()
