@@ -35,6 +35,29 @@ def cwm(socket: Path, *args: str) -> tuple[int, Any]:
     return proc.returncode, json.loads(proc.stdout)
 
 
+def mcp_call(socket: Path, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One tool call through the real MCP client, over stdio to `cwm mcp`."""
+    import anyio
+    from mcp.client import Client
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "cwm_connector.cli", "mcp", "--socket", str(socket)],
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+
+    async def body() -> dict[str, Any]:
+        with anyio.fail_after(120):
+            async with Client(stdio_client(params), read_timeout_seconds=110) as client:
+                result = await client.call_tool(tool, args)
+        assert not result.is_error, result.content
+        assert result.structured_content is not None
+        return result.structured_content
+
+    return anyio.run(body)
+
+
 def server(model: Path, store: Path, logs: Path, name: str) -> VllmServer:
     config = kv_transfer_config({"store_dir": str(store), "verify_restore": True})
     return VllmServer(str(model), logs / f"{name}.log", connector=config)
@@ -69,6 +92,8 @@ def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Pat
         code, thawed = cwm(sock, "thaw", "w1")
         assert code == 0
         token_ids = thawed["token_ids"]
+        by_mcp = mcp_call(sock, "window_freeze", {"salt": "s1", "name": "w-mcp"})
+        assert (by_mcp["tokens"], by_mcp["blocks"]) == (win["tokens"], win["blocks"])
         # The reference: vLLM still holds the prefix in its own cache.
         reference = srv.complete(token_ids + CONTINUATION, salt="s1", max_tokens=8)
         assert reference["usage"]["prompt_tokens_details"]["cached_tokens"] == win["blocks"] * BLOCK
@@ -78,9 +103,9 @@ def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Pat
     srv = server(tiny_model, store, tmp_path, "B").start()
     try:
         code, listed = cwm(sock, "list")
-        assert code == 0 and [w["name"] for w in listed] == ["w1"]
-        code, thawed = cwm(sock, "thaw", "w1")
-        assert code == 0 and thawed["token_ids"] == token_ids and thawed["text"]
+        assert code == 0 and [w["name"] for w in listed] == ["w-mcp", "w1"]
+        thawed = mcp_call(sock, "window_thaw", {"name": "w1"})
+        assert thawed["token_ids"] == token_ids and thawed["text"]
         restored = srv.complete(thawed["token_ids"] + CONTINUATION, salt="s1", max_tokens=8)
         assert srv.metric(EXTERNAL_HITS) == win["blocks"] * BLOCK
         assert outputs(restored) == outputs(reference)
@@ -115,5 +140,35 @@ def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Pat
         code, deleted = cwm(fresh / "control.sock", "delete", "moved")
         assert code == 0 and deleted["freed_blobs"] == win["blocks"]
         assert blob_files(fresh) == before - win["blocks"]
+    finally:
+        srv.stop()
+
+
+def test_freeze_after_eviction_and_thaw_on_the_same_server(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    sock = store / "control.sock"
+    srv = server(tiny_model, store, tmp_path, "E")
+    srv.extra_args = ["--num-gpu-blocks-override", "160"]  # room for one session at a time
+    srv.start()
+    try:
+        first = srv.complete(make_prompt(tiny_model, 3000, seed=11), salt="s1", max_tokens=4)
+        for seed in (12, 13):  # other sessions push s1's blocks out of the paged cache
+            srv.complete(make_prompt(tiny_model, 3000, seed=seed), salt=f"x{seed}", max_tokens=4)
+        code, win = cwm(sock, "freeze", "s1", "evicted")
+        assert code == 0, win
+        assert win["blocks"] == (first["usage"]["total_tokens"] - 1) // BLOCK
+        code, status = cwm(sock, "status", "evicted")
+        assert code == 0 and status["complete"] is True
+        code, thawed = cwm(sock, "thaw", "evicted")
+        assert code == 0
+        again = srv.complete(thawed["token_ids"], salt="s1", max_tokens=4)
+        # The local cache lost the session: the hit comes from the window.
+        assert srv.metric(EXTERNAL_HITS) == (len(thawed["token_ids"]) - 1) // BLOCK * BLOCK
+        assert (
+            again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            >= win["blocks"] * BLOCK - BLOCK
+        )
     finally:
         srv.stop()
