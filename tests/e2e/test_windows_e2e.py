@@ -150,7 +150,8 @@ def test_freeze_after_eviction_and_thaw_on_the_same_server(
     store = tmp_path / "store"
     sock = store / "control.sock"
     srv = server(tiny_model, store, tmp_path, "E")
-    srv.extra_args = ["--num-gpu-blocks-override", "160"]  # room for one session at a time
+    srv.max_model_len = 4096
+    srv.extra_args = ["--num-gpu-blocks-override", "160"]  # room for about one session
     srv.start()
     try:
         first = srv.complete(make_prompt(tiny_model, 3000, seed=11), salt="s1", max_tokens=4)
