@@ -95,16 +95,7 @@ class Catalog:
 
     def stored_hashes(self, engine_fp: str, hashes: Sequence[bytes]) -> set[bytes]:
         """The subset of hashes stored under any full fingerprint of this engine."""
-        found: set[bytes] = set()
-        for chunk in _chunks(hashes):
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                "SELECT block_hash FROM blocks WHERE block_hash IN (" + marks + ") "
-                "AND fp_id IN (SELECT fp_id FROM fingerprints WHERE engine_fp = ?)",
-                (*chunk, engine_fp),
-            )
-            found.update(row[0] for row in rows)
-        return found
+        return set(self.digests_for_engine(engine_fp, hashes))
 
     def digests_for(self, fp_id: str, hashes: Sequence[bytes]) -> dict[bytes, bytes]:
         """Map each stored hash (for exactly this fingerprint) to its blob digest."""

@@ -6,7 +6,6 @@ a copy of that store (a restart), so each scenario sees the same state.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sqlite3
 import time
@@ -17,6 +16,9 @@ from typing import Any
 import pytest
 import requests
 
+from cwm_connector.client import ControlClient
+from cwm_connector.errors import CwmError
+from cwm_connector.stats import read_stats
 from cwm_connector.tiny_model import TinyModelSpec, build_tiny_model, make_prompt
 from cwm_connector.vllm_process import VllmServer, kv_transfer_config
 
@@ -38,8 +40,7 @@ class Captured:
 
 
 def worker_stats(store: Path) -> dict[str, int]:
-    path = store / "stats" / "worker-rank0.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_stats(store)
 
 
 def wait_for(pred, timeout_s: float = 60.0) -> None:
@@ -87,6 +88,7 @@ def captured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Capt
         # Prompt + generated tokens: every block with KV for all its tokens.
         num_blocks = (cold["usage"]["total_tokens"] - 1) // BLOCK
         wait_for(lambda: worker_stats(store).get("captured_blocks", 0) >= num_blocks)
+        ControlClient(store / "control.sock").call("freeze", salt="session-1", name="win")
     finally:
         srv.stop()
     with sqlite3.connect(store / "catalog.sqlite") as db:
@@ -171,6 +173,9 @@ def test_changed_weights_under_same_path_get_no_hit(captured: Captured, tmp_path
     build_tiny_model(captured.model, TinyModelSpec(seed=1))
     srv = server(captured.model, store, tmp_path, "D").start()
     try:
+        with pytest.raises(CwmError) as err:
+            ControlClient(store / "control.sock").call("thaw", name="win")
+        assert err.value.code == "fingerprint_mismatch" and "weights" in err.value.message
         resp = srv.complete(captured.prompt, salt="session-1")
         assert srv.metric(EXTERNAL_HITS) == 0
         assert cached(resp) == 0

@@ -8,6 +8,7 @@ blocks and compute the same tokens: their outputs must be identical.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cwm_connector.protocol import read_frame
 from cwm_connector.tiny_model import make_prompt
 from cwm_connector.vllm_process import VllmServer, kv_transfer_config
 
@@ -106,9 +108,17 @@ def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Pat
         assert code == 0 and [w["name"] for w in listed] == ["w-mcp", "w1"]
         thawed = mcp_call(sock, "window_thaw", {"name": "w1"})
         assert thawed["token_ids"] == token_ids and thawed["text"]
+        # Hostile control-socket clients cost vLLM nothing.
+        hanging = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hanging.connect(str(sock))  # connects and never sends
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as garbage:
+            garbage.connect(str(sock))
+            garbage.sendall(b"\xff\xff\xff\xff" + b"junk")  # declares a 4 GiB frame
+            assert read_frame(garbage)["error"]["code"] == "frame_too_large"
         restored = srv.complete(thawed["token_ids"] + CONTINUATION, salt="s1", max_tokens=8)
         assert srv.metric(EXTERNAL_HITS) == win["blocks"] * BLOCK
         assert outputs(restored) == outputs(reference)
+        hanging.close()
 
         before = blob_files(store)
         code, clone = cwm(sock, "clone", "w1", "w2", "--salt", "s2")
