@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 SCHEMA_VERSION = "1"
+CATALOG_FILE = "catalog.sqlite"
 MAX_SQL_VARS = 500  # hashes per IN (...) query
 
 SCHEMA = """
@@ -64,6 +65,11 @@ CREATE INDEX IF NOT EXISTS window_blocks_digest ON window_blocks (digest);
 def _chunks(items: Sequence[bytes], size: int = MAX_SQL_VARS) -> Iterable[Sequence[bytes]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def catalog_path(store_dir: Path) -> Path:
+    """Where the catalog of a store lives."""
+    return store_dir / CATALOG_FILE
 
 
 class Catalog:

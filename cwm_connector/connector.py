@@ -19,12 +19,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from cwm_connector.catalog import Catalog
+from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.config import CwmConfig
 from cwm_connector.control import ControlServer
 from cwm_connector.errors import CwmError
 from cwm_connector.fingerprint import (
     canonical_id,
+    canonical_json,
     engine_fingerprint,
     full_fingerprint,
     hash_chain_stable,
@@ -34,7 +35,7 @@ from cwm_connector.scheduler import CwmScheduler
 from cwm_connector.sessions import SessionTable
 from cwm_connector.stats import Stats, read_stats
 from cwm_connector.windows import WindowService
-from cwm_connector.worker import CwmWorker, catalog_path
+from cwm_connector.worker import CwmWorker
 
 if TYPE_CHECKING:
     import torch
@@ -327,10 +328,3 @@ def _tp_rank() -> int:
         return int(get_tensor_model_parallel_rank())
     except (ImportError, AssertionError, RuntimeError):
         return 0
-
-
-def canonical_json(doc: dict[str, Any]) -> str:
-    """Sorted, compact JSON for storing fingerprints."""
-    import json
-
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)

@@ -24,10 +24,14 @@ SLICE_BYTES = 64 * 1024
 STABLE_HASH_ALGOS = ("sha256", "sha256_cbor")
 
 
+def canonical_json(doc: Mapping[str, Any]) -> str:
+    """Sorted, compact JSON: the stored form of a fingerprint and the input of its id."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def canonical_id(doc: Mapping[str, Any]) -> str:
     """A short stable id of a JSON-able mapping."""
-    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
-    return xxhash.xxh3_128_hexdigest(text.encode())
+    return xxhash.xxh3_128_hexdigest(canonical_json(doc).encode())
 
 
 def hash_chain_stable(hash_algo: str, env: Mapping[str, str] | None = None) -> bool:

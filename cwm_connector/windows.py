@@ -20,9 +20,9 @@ from typing import Any
 import msgpack
 
 from cwm_connector.blob import digest as blob_digest
-from cwm_connector.catalog import Catalog
+from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
-from cwm_connector.fingerprint import differing_fields
+from cwm_connector.fingerprint import canonical_json, differing_fields
 from cwm_connector.hash_chain import block_hash_chain
 from cwm_connector.sessions import SessionTable, salt_digest
 from cwm_connector.tier_disk import DiskTier
@@ -83,7 +83,7 @@ class WindowService:
         """This thread's catalog connection."""
         cat = getattr(self._local, "catalog", None)
         if cat is None:
-            cat = self._local.catalog = Catalog(self.store_dir / "catalog.sqlite")
+            cat = self._local.catalog = Catalog(catalog_path(self.store_dir))
         return cat
 
     def handle(self, op: str, args: dict[str, Any]) -> Any:
@@ -261,7 +261,7 @@ class WindowService:
             "name": name,
             "salt": salt,
             "engine_fp": self.engine_fp_id,
-            "fingerprint": json.dumps(self.engine_fp, sort_keys=True, default=str),
+            "fingerprint": canonical_json(self.engine_fp),
             "token_ids": msgpack.packb(list(token_ids)),
             "num_tokens": len(token_ids),
             "created": time.time(),

@@ -20,10 +20,9 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 from cwm_connector.blob import digest_segments
-from cwm_connector.catalog import Catalog
+from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.config import CwmConfig
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.kv_layout import KVLayout, StagingBuffer
@@ -33,7 +32,6 @@ from cwm_connector.tier_disk import DiskTier
 
 logger = logging.getLogger("vllm.cwm.worker")
 
-CATALOG_FILE = "catalog.sqlite"
 NUM_READERS = 2  # parallel blob reads while staging
 PREWARM_BYTES = 256 << 20  # staging memory prefaulted at start (fresh pages cost more than a copy)
 
@@ -58,7 +56,7 @@ class CwmWorker:
         self.rank = rank
         root = cfg.store_path
         self.disk = DiskTier(root)
-        self.catalog_path = root / CATALOG_FILE
+        self.catalog_path = catalog_path(root)
         self.stats = Stats(root / "stats" / f"worker-rank{rank}.json")
         self.pool = layout.new_pool(max_idle_bytes=min(cfg.memory_bytes, PREWARM_BYTES))
         self._lock = threading.Lock()
@@ -328,8 +326,3 @@ def _leading(values: list[bytes | None]) -> list[bytes]:
             break
         out.append(value)
     return out
-
-
-def catalog_path(store_dir: Path) -> Path:
-    """Where the catalog of a store lives."""
-    return store_dir / CATALOG_FILE

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cwm_connector.catalog import Catalog
+from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.config import CwmConfig
 from cwm_connector.kv_layout import KVLayout
 from cwm_connector.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
-from cwm_connector.worker import CwmWorker, catalog_path
+from cwm_connector.worker import CwmWorker
 
 NUM_BLOCKS = 16
 LAYOUTS = {
