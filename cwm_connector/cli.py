@@ -20,6 +20,7 @@ from cwm_connector.client import ControlClient, Unavailable, default_socket_path
 from cwm_connector.errors import CwmError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+PROGRESS_UNITS = {"freeze": "durable blocks", "export": "blocks", "import": "steps"}
 WINDOW_COLUMNS = ("name", "session", "tokens", "blocks", "bytes", "stored_bytes", "created")
 
 
@@ -95,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = ControlClient(args.socket)
     started = time.monotonic()
     try:
-        result = client.call(op, **op_args)
+        with ProgressBar(op, enabled=op in PROGRESS_UNITS) as bar:
+            result = client.call(op, on_progress=bar.update if bar.enabled else None, **op_args)
     except CwmError as exc:
         return report_error(exc, args.json)
     if args.json:
@@ -103,6 +105,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print_human(args.command, result, time.monotonic() - started)
     return EXIT_OK
+
+
+class ProgressBar:
+    """A progress bar on stderr for long ops; silent when stderr is not a terminal."""
+
+    def __init__(self, op: str, enabled: bool):
+        self.op = op
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def update(self, done: int, total: int) -> None:
+        """Move the bar to done/total."""
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total, desc=self.op, unit=f" {PROGRESS_UNITS[self.op]}", file=sys.stderr,
+                disable=None, leave=False,
+            )  # fmt: skip
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def report_error(exc: CwmError, as_json: bool) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,25 @@ class ControlClient:
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)
 
-    def call(self, op: str, **args: Any) -> Any:
-        """Send one request and return its result."""
+    def call(
+        self, op: str, *, on_progress: Callable[[int, int], None] | None = None, **args: Any
+    ) -> Any:
+        """Send one request and return its result (progress frames go to on_progress)."""
         req_id = next(self._ids)
+        request = {"v": PROTOCOL_VERSION, "id": req_id, "op": op, "args": args}
+        if on_progress is not None:
+            request["progress"] = True
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout_s)
                 sock.connect(str(self.path))
-                write_frame(sock, {"v": PROTOCOL_VERSION, "id": req_id, "op": op, "args": args})
+                write_frame(sock, request)
                 response = read_frame(sock)
+                while "progress" in response and "ok" not in response:
+                    progress = response["progress"]
+                    if on_progress is not None and isinstance(progress, dict):
+                        on_progress(int(progress.get("done", 0)), int(progress.get("total", 0)))
+                    response = read_frame(sock)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise Unavailable(
                 f"no cwm connector listens on {self.path}: is vLLM running with "

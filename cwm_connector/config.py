@@ -19,13 +19,14 @@ class CwmConfig:
     """Resolved settings. Precedence: extra-config value, then `CWM_<KEY>`, then default."""
 
     store_dir: str = "~/.cache/cwm"
-    memory_bytes: int = 2 << 30  # host-memory budget for staged blobs, bytes
+    memory_bytes: int = 2 << 30  # host-memory tier budget (and staged-blocks budget), bytes
     redis_url: str = ""
     compression: str = "none"
     control_socket: str = ""  # default: <store_dir>/control.sock
     capture: str = "salted"
     verify_restore: bool = False  # re-read restored blocks and compare digests (tests)
     stage_timeout_s: float = 10.0  # give up staging a request's blocks after this
+    thaw_pin_s: float = 600.0  # a thawed window's blobs stay pinned in memory this long
 
     def __post_init__(self) -> None:
         if self.capture not in CAPTURE_MODES:
@@ -38,6 +39,8 @@ class CwmConfig:
             raise ConfigError("memory_bytes must be positive")
         if self.stage_timeout_s <= 0:
             raise ConfigError("stage_timeout_s must be positive")
+        if self.thaw_pin_s < 0:
+            raise ConfigError("thaw_pin_s must not be negative")
 
     @property
     def store_path(self) -> Path:
@@ -50,6 +53,11 @@ class CwmConfig:
         if self.control_socket:
             return Path(os.path.expanduser(self.control_socket))
         return self.store_path / "control.sock"
+
+    def worker_socket_path(self, rank: int) -> Path:
+        """The socket on which the worker of this TP rank takes prestage requests."""
+        path = self.control_socket_path
+        return path.with_name(f"{path.name}.rank{rank}")
 
     @classmethod
     def resolve(

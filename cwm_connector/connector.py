@@ -36,6 +36,7 @@ from cwm_connector.sessions import SessionTable
 from cwm_connector.stats import Stats, read_stats
 from cwm_connector.windows import WindowService
 from cwm_connector.worker import CwmWorker
+from cwm_connector.worker_channel import WorkerChannels, start_worker_channel
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +91,7 @@ class CWMConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._scheduler: CwmScheduler | None = None
         self._worker: CwmWorker | None = None
+        self._channel: ControlServer | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler(vllm_config, transfer.kv_load_failure_policy)
 
@@ -148,6 +150,12 @@ class CWMConnector(KVConnectorBase_V1):
             sessions=self._sessions,
             detokenize=_Detokenizer(model.tokenizer, model.trust_remote_code),
             stats=self._stats_snapshot,
+            channels=WorkerChannels(
+                [
+                    self.cfg.worker_socket_path(rank)
+                    for rank in range(vllm_config.parallel_config.tensor_parallel_size)
+                ]
+            ),
         )
         server = ControlServer(self.cfg.control_socket_path, service.handle)
         try:
@@ -184,6 +192,7 @@ class CWMConnector(KVConnectorBase_V1):
         catalog.register_fingerprint(fp_id, self._engine_fp_id, canonical_json(doc))
         catalog.close()
         self._worker = CwmWorker(self.cfg, fp_id, layout, rank)
+        self._channel = start_worker_channel(self.cfg.worker_socket_path(rank), self._worker)
         logger.info(
             "cwm: worker rank %d registered %d KV tensors, %d bytes per block",
             rank,
@@ -236,6 +245,8 @@ class CWMConnector(KVConnectorBase_V1):
         """Let queued writes finish (bounded); close the control socket."""
         if self._worker is not None:
             self._worker.shutdown()
+        if self._channel is not None:
+            self._channel.stop()
         if getattr(self, "_control", None) is not None:
             self._control.stop()
 

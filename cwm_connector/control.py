@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,18 @@ from cwm_connector.protocol import (
     error_response,
     ok_response,
     parse_request,
+    progress_frame,
     read_frame,
     write_frame,
 )
 
 logger = logging.getLogger("vllm.cwm.control")
 
-Handler = Callable[[str, dict[str, Any]], Any]
+Progress = Callable[[int, int], None]
+Handler = Callable[[str, dict[str, Any], Progress], Any]
 MAX_CLIENTS = 64
 CLIENT_TIMEOUT_S = 30.0
+PROGRESS_INTERVAL_S = 0.1  # at most ten progress frames a second per request
 
 
 class UnknownOp(CwmError):
@@ -114,7 +118,8 @@ class ControlServer:
                 req_id = message.get("id") if isinstance(message.get("id"), int) else None
                 try:
                     req_id, op, args = parse_request(message)
-                    result = self._handler(op, args)
+                    progress = _progress_sender(conn, req_id, message.get("progress") is True)
+                    result = self._handler(op, args, progress)
                     response = ok_response(req_id, result)
                 except CwmError as exc:
                     response = error_response(req_id, exc)
@@ -127,6 +132,23 @@ class ControlServer:
         finally:
             conn.close()
             self._slots.release()
+
+
+def _progress_sender(conn: socket.socket, req_id: int, wanted: bool) -> Progress:
+    """A throttled progress callback; a client that stops reading only loses progress."""
+    last = [0.0, wanted]
+
+    def send(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not last[1] or (done < total and now - last[0] < PROGRESS_INTERVAL_S):
+            return
+        last[0] = now
+        try:
+            write_frame(conn, progress_frame(req_id, done, total))
+        except OSError:
+            last[1] = False
+
+    return send
 
 
 def _send_quietly(conn: socket.socket, message: dict[str, Any]) -> None:

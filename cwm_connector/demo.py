@@ -115,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         step(f"cwm thaw {WINDOW}")
         thawed = control.call("thaw", name=WINDOW)
         text = thawed["text"][:50]
-        print(f"    {len(thawed['token_ids'])} tokens back, blobs verified; text: {text!r}...")
+        print(
+            f"    {len(thawed['token_ids'])} tokens back, {thawed.get('staged_blocks', 0)} blocks "
+            f"verified and staged in host memory; text: {text!r}..."
+        )
         step("Next turn after the restart: the same request, KV loaded from the window")
         restored = srv.complete(thawed["token_ids"] + follow, SALT, args.max_tokens)
         hits = int(srv.metric(EXTERNAL_HITS))

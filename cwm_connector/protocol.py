@@ -1,9 +1,11 @@
 """The control-socket wire format: length-prefixed msgpack frames.
 
 Each frame is a 4-byte big-endian payload length, then a msgpack map.
-Request:  {"v": 1, "id": int, "op": str, "args": {...}}
+Request:  {"v": 1, "id": int, "op": str, "args": {...}, "progress": bool (optional)}
 Response: {"v": 1, "id": int, "ok": true, "result": ...}
        or {"v": 1, "id": int, "ok": false, "error": {"code", "message", "retryable"}}
+A request with "progress": true may get progress frames before its response:
+          {"v": 1, "id": int, "progress": {"done": int, "total": int}}
 A frame longer than MAX_FRAME_BYTES is refused before it is read. No pickle.
 """
 
@@ -107,6 +109,11 @@ def parse_request(message: dict[str, Any]) -> tuple[int, str, dict[str, Any]]:
 def ok_response(req_id: int, result: Any) -> dict[str, Any]:
     """A success response."""
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": True, "result": result}
+
+
+def progress_frame(req_id: int, done: int, total: int) -> dict[str, Any]:
+    """A progress notice for a long op (freeze, export, import)."""
+    return {"v": PROTOCOL_VERSION, "id": req_id, "progress": {"done": done, "total": total}}
 
 
 def error_response(req_id: int | None, error: CwmError) -> dict[str, Any]:

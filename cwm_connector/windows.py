@@ -9,6 +9,7 @@ Blobs are shared (content-addressed); a window pins the blobs it names.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -27,6 +28,15 @@ from cwm_connector.hash_chain import block_hash_chain
 from cwm_connector.sessions import SessionTable, salt_digest
 from cwm_connector.tier_disk import DiskTier
 from cwm_connector.window_io import EXPORT_FORMAT, read_export
+from cwm_connector.worker_channel import WorkerChannels
+
+logger = logging.getLogger("vllm.cwm.windows")
+Progress = Callable[[int, int], None]
+
+
+def _no_progress(done: int, total: int) -> None:
+    """The progress callback when nobody asked for progress."""
+
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FREEZE_POLL_S = 0.05
@@ -63,6 +73,7 @@ class WindowService:
         sessions: SessionTable,
         detokenize: Callable[[list[int]], str],
         stats: Callable[[], dict[str, Any]],
+        channels: WorkerChannels | None = None,
         freeze_timeout_s: float = 60.0,
     ):
         self.store_dir = store_dir
@@ -74,6 +85,7 @@ class WindowService:
         self.sessions = sessions
         self._detokenize = detokenize
         self._stats = stats
+        self.channels = channels
         self.freeze_timeout_s = freeze_timeout_s
         self._local = threading.local()
         self._write_lock = threading.Lock()
@@ -86,11 +98,15 @@ class WindowService:
             cat = self._local.catalog = Catalog(catalog_path(self.store_dir))
         return cat
 
-    def handle(self, op: str, args: dict[str, Any]) -> Any:
-        """Dispatch one control-socket request."""
+    def handle(self, op: str, args: dict[str, Any], progress: Progress | None = None) -> Any:
+        """Dispatch one control-socket request (freeze, export, import report progress)."""
         handler = OPS.get(op)
         if handler is None:
             raise CwmError(f"unknown op {op!r}; known: {', '.join(sorted(OPS))}", code="unknown_op")
+        if any(key.startswith("_") for key in args):
+            raise WindowError(f"bad arguments for {op}: names starting with '_' are reserved")
+        if op in PROGRESS_OPS:
+            args = {**args, "_progress": progress or _no_progress}
         try:
             return handler(self, **args)
         except TypeError as exc:
@@ -103,7 +119,9 @@ class WindowService:
 
         return {"version": __version__, "protocol": PROTOCOL_VERSION, "engine": self.engine_fp_id}
 
-    def freeze(self, salt: str, name: str, overwrite: bool = False) -> dict[str, Any]:
+    def freeze(
+        self, salt: str, name: str, overwrite: bool = False, _progress: Progress = _no_progress
+    ) -> dict[str, Any]:
         name = validate_name(name)
         session = self.sessions.get(_text(salt, "salt"))
         if session is None:
@@ -115,7 +133,7 @@ class WindowService:
         if not overwrite and self.catalog.get_window(name) is not None:
             raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
         hashes = list(session.block_hashes)
-        found = self._wait_durable(hashes)
+        found = self._wait_durable(hashes, _progress)
         blocks = [(h, found[h]) for h in hashes]
         row = self._row(name, session.salt, list(session.token_ids), parent=None)
         if not self.catalog.insert_window(row, blocks, replace=overwrite):
@@ -132,7 +150,13 @@ class WindowService:
                 f"window {name!r}: {len(missing)} blocks are not in this store",
                 code="window_damaged",
             )
-        bad = self._verify_blobs([d for _, d in blocks])
+        staged = self._prestage(name, [h for h, _ in blocks])
+        if staged is None:  # no worker answers: at least verify every blob here
+            bad = self._verify_blobs([d for _, d in blocks])
+            staged_blocks = 0
+        else:
+            bad = [bytes.fromhex(d) for d in staged["failed"]]
+            staged_blocks = int(staged["staged"])
         if bad:
             raise WindowError(
                 f"window {name!r}: {len(bad)} of {len(blocks)} blobs are missing or corrupt "
@@ -140,7 +164,23 @@ class WindowService:
                 code="window_damaged",
             )
         token_ids = msgpack.unpackb(row["token_ids"])
-        return {**self._describe(name), "token_ids": token_ids, "text": self._detokenize(token_ids)}
+        described = self._describe(name, resident=staged_blocks)
+        return {
+            **described,
+            "staged_blocks": staged_blocks,
+            "token_ids": token_ids,
+            "text": self._detokenize(token_ids),
+        }
+
+    def _prestage(self, name: str, hashes: list[bytes]) -> dict[str, Any] | None:
+        """Have every worker read, verify and pin the window's blobs; None if none answers."""
+        if self.channels is None or not hashes:
+            return None
+        try:
+            return self.channels.prestage(hashes)
+        except CwmError as exc:
+            logger.warning("cwm: thaw of %r could not prestage on the workers: %s", name, exc)
+            return None
 
     def list(self) -> list[dict[str, Any]]:
         return [self._describe(name) for name in self.catalog.window_names()]
@@ -148,7 +188,13 @@ class WindowService:
     def status(self, name: str) -> dict[str, Any]:
         _, blocks = self._load(name)
         bad = self._verify_blobs([d for _, d in blocks])
-        return {**self._describe(name), "complete": not bad, "damaged_blobs": len(bad)}
+        resident = None if self.channels is None else self.channels.resident([h for h, _ in blocks])
+        return {
+            **self._describe(name, resident=resident or 0),
+            "complete": not bad,
+            "damaged_blobs": len(bad),
+            "resident_blocks": resident,
+        }
 
     def clone(self, src: str, dst: str, salt: str | None = None) -> dict[str, Any]:
         row, blocks = self._load(src)
@@ -190,7 +236,7 @@ class WindowService:
             "sessions": len(self.sessions.summary()),
         }
 
-    def export(self, name: str, file: str) -> dict[str, Any]:
+    def export(self, name: str, file: str, _progress: Progress = _no_progress) -> dict[str, Any]:
         import numpy as np
         from safetensors.numpy import save_file
 
@@ -201,6 +247,7 @@ class WindowService:
         data = np.empty((len(blocks), raw_len), dtype=np.uint8)
         for i, (_, dig) in enumerate(blocks):
             self.disk.read_into(dig, [memoryview(data[i])])
+            _progress(i + 1, len(blocks))
         manifest = {
             "format": EXPORT_FORMAT,
             "name": name,
@@ -217,7 +264,9 @@ class WindowService:
         os.replace(tmp, path)
         return {"name": name, "file": str(path), "bytes": path.stat().st_size}
 
-    def import_(self, file: str, name: str | None = None) -> dict[str, Any]:
+    def import_(
+        self, file: str, name: str | None = None, _progress: Progress = _no_progress
+    ) -> dict[str, Any]:
         manifest, data = read_export(_user_path(file, must_exist=True))
         name = validate_name(name if name is not None else manifest["name"])
         diff = differing_fields(manifest["fingerprint"], self.engine_fp)
@@ -241,10 +290,12 @@ class WindowService:
                 raise WindowError(
                     f"import refused: block {i} does not match its digest", code="bad_import"
                 )
+            _progress(i + 1, 2 * len(digests))  # verify, then write: two halves of the bar
         for i, dig in enumerate(digests):
             if not self.disk.contains(dig):
                 stored = self.disk.put(dig, [memoryview(data[i])])
                 blob_rows.append((dig, data.shape[1], stored, "none"))
+            _progress(len(digests) + i + 1, 2 * len(digests))
         fps = self.catalog.engine_fp_ids(self.engine_fp_id)
         block_rows = [(fp, h, d) for fp in fps for h, d in zip(hashes, digests, strict=True)]
         row = self._row(name, manifest["salt"], token_ids, parent=None)
@@ -274,7 +325,7 @@ class WindowService:
             raise WindowError(f"no window named {name!r}", code="window_not_found")
         return found
 
-    def _describe(self, name: str) -> dict[str, Any]:
+    def _describe(self, name: str, resident: int = 0) -> dict[str, Any]:
         row, blocks = self._load(name)
         sizes = self.catalog.blob_sizes([d for _, d in blocks])
         return {
@@ -288,7 +339,7 @@ class WindowService:
             "created": row["created"],
             "parent": row["parent"],
             "fingerprint": str(row["engine_fp"])[:16],
-            "tiers": ["disk"],
+            "tiers": ["memory", "disk"] if blocks and resident >= len(blocks) else ["disk"],
         }
 
     def _check_fingerprint(self, name: str, row: dict[str, object]) -> None:
@@ -300,10 +351,11 @@ class WindowService:
                 code="fingerprint_mismatch",
             )
 
-    def _wait_durable(self, hashes: list[bytes]) -> dict[bytes, bytes]:
+    def _wait_durable(self, hashes: list[bytes], progress: Progress) -> dict[bytes, bytes]:
         deadline = time.monotonic() + self.freeze_timeout_s
         while True:
             found = self.catalog.digests_for_engine(self.engine_fp_id, hashes)
+            progress(len(found), len(set(hashes)))
             if len(found) == len(set(hashes)):
                 return found
             if time.monotonic() > deadline:
@@ -344,6 +396,7 @@ def _user_path(file: object, must_exist: bool = False) -> Path:
     return path
 
 
+PROGRESS_OPS = frozenset({"freeze", "export", "import"})
 OPS: dict[str, Callable[..., Any]] = {
     "ping": WindowService.ping,
     "freeze": WindowService.freeze,

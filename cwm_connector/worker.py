@@ -5,7 +5,9 @@ Threads:
   from already-verified host memory) run right there, before the forward;
 - a capture thread gathers kept blocks into host memory, releases them to
   vLLM, then digests and writes the blobs and their catalog rows;
-- a stage thread reads and verifies blobs for pending hits into host memory.
+- a stage thread reads and verifies blobs for pending hits into host memory;
+- prestage requests (a thaw, through the worker channel) read, verify and pin
+  a window's blobs in the memory tier, so the next request stages by memcpy.
 Every storage error is logged, counted and turned into a miss.
 """
 
@@ -21,6 +23,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from cwm_connector.blob import digest_segments
 from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.config import CwmConfig
@@ -29,6 +33,7 @@ from cwm_connector.kv_layout import KVLayout, StagingBuffer
 from cwm_connector.plans import CaptureJob, StageJob, StepPlan, WorkerReport
 from cwm_connector.stats import Stats
 from cwm_connector.tier_disk import DiskTier
+from cwm_connector.tier_memory import MemoryTier
 
 logger = logging.getLogger("vllm.cwm.worker")
 
@@ -56,6 +61,7 @@ class CwmWorker:
         self.rank = rank
         root = cfg.store_path
         self.disk = DiskTier(root)
+        self.memory = MemoryTier(cfg.memory_bytes)
         self.catalog_path = catalog_path(root)
         self.stats = Stats(root / "stats" / f"worker-rank{rank}.json")
         self.pool = layout.new_pool(max_idle_bytes=min(cfg.memory_bytes, PREWARM_BYTES))
@@ -282,10 +288,20 @@ class CwmWorker:
                 catalog.forget_blob(dig)  # the next capture of this content heals it
         num_ok = next((i for i, failure in enumerate(failures) if failure), len(failures))
         self.stats.add("staged_blocks", num_ok)
+        self.memory.unpin(digests[:num_ok])  # a thaw's pin ends once its blocks are staged
         return _Staged(buffer, digests[:num_ok])
 
     def _read_blob(self, block_hash: bytes, dig: bytes, segments: list[memoryview]) -> str | None:
-        """Read one verified blob into segments; on failure log, count, return its kind."""
+        """Read one verified blob into segments (memory tier first); on failure log, count,
+        return its kind."""
+        held = self.memory.get(dig)
+        if held is not None and held.nbytes == sum(len(s) for s in segments):
+            offset = 0
+            for segment in segments:  # verified when it entered the tier
+                segment[:] = memoryview(held[offset : offset + len(segment)])
+                offset += len(segment)
+            self.stats.add("memory_hit_blocks")
+            return None
         try:
             self.disk.read_into(dig, segments)
             return None
@@ -306,6 +322,58 @@ class CwmWorker:
             logger.error("cwm: cannot read blob %s: %s", dig.hex(), exc)
             self.stats.add("read_errors")
             return "io"
+
+    # -- worker channel (thaw) ---------------------------------------------
+    def prestage(self, block_hashes: Sequence[bytes]) -> dict[str, int | list[str]]:
+        """Read, verify and pin these blocks' blobs in the memory tier (runs off-engine)."""
+        _leave_forward_cores()
+        catalog = Catalog(self.catalog_path)
+        try:
+            found = catalog.digests_for(self.fp_id, list(block_hashes))
+            staged, from_memory, no_room = 0, 0, 0
+            failed: list[str] = []
+            pin_s = self.cfg.thaw_pin_s
+            for block_hash in block_hashes:
+                dig = found.get(block_hash)
+                if dig is None:
+                    failed.append(block_hash.hex())
+                    continue
+                held = self.memory.get(dig)
+                if held is not None:
+                    from_memory += 1
+                    data = held
+                else:
+                    data = np.empty(self.layout.block_bytes, dtype=np.uint8)
+                    failure = self._read_blob(block_hash, dig, [memoryview(data)])
+                    if failure is not None:
+                        if failure in ("corrupt", "missing"):
+                            catalog.forget_blob(dig)
+                        failed.append(dig.hex())
+                        continue
+                if self.memory.put(dig, data, pin_s=pin_s):
+                    staged += 1
+                else:
+                    no_room += 1
+        finally:
+            catalog.close()
+        self.stats.add("prestaged_blocks", staged)
+        self.stats.flush(force=True)
+        return {
+            "asked": len(block_hashes),
+            "staged": staged,
+            "from_memory": from_memory,
+            "no_room": no_room,
+            "failed": failed,
+        }
+
+    def resident(self, block_hashes: Sequence[bytes]) -> int:
+        """How many of these blocks' blobs the memory tier holds."""
+        catalog = Catalog(self.catalog_path)
+        try:
+            found = catalog.digests_for(self.fp_id, list(block_hashes))
+        finally:
+            catalog.close()
+        return sum(1 for h in block_hashes if h in found and self.memory.contains(found[h]))
 
 
 def _leave_forward_cores() -> None:

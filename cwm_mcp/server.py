@@ -57,6 +57,11 @@ class ThawedWindow(Window):
 
     token_ids: list[int] = Field(description="Prompt token ids to resend, then append new text")
     text: str = Field(description="The same tokens detokenized")
+    staged_blocks: int = Field(
+        default=0,
+        description="Blocks already read, verified and held in vLLM's host memory: the next "
+        "request with this salt loads them with a memory copy",
+    )
 
 
 class WindowStatus(Window):
@@ -64,6 +69,9 @@ class WindowStatus(Window):
 
     complete: bool = Field(description="True when every blob is present and passes its digest")
     damaged_blobs: int = Field(description="Blobs missing or failing their digest")
+    resident_blocks: int | None = Field(
+        default=None, description="Blocks held in host memory (null if the workers do not answer)"
+    )
 
 
 class DeleteResult(BaseModel):

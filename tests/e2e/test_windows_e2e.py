@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from cwm_connector.protocol import read_frame
+from cwm_connector.stats import read_stats
 from cwm_connector.tiny_model import make_prompt
 from cwm_connector.vllm_process import VllmServer, kv_transfer_config
 
@@ -108,6 +109,8 @@ def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Pat
         assert code == 0 and [w["name"] for w in listed] == ["w-mcp", "w1"]
         thawed = mcp_call(sock, "window_thaw", {"name": "w1"})
         assert thawed["token_ids"] == token_ids and thawed["text"]
+        # Thaw staged every block in the worker's host memory ahead of the request.
+        assert thawed["staged_blocks"] == win["blocks"] and "memory" in thawed["tiers"]
         # Hostile control-socket clients cost vLLM nothing.
         hanging = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         hanging.connect(str(sock))  # connects and never sends
@@ -118,6 +121,8 @@ def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Pat
         restored = srv.complete(thawed["token_ids"] + CONTINUATION, salt="s1", max_tokens=8)
         assert srv.metric(EXTERNAL_HITS) == win["blocks"] * BLOCK
         assert outputs(restored) == outputs(reference)
+        # ... and the request staged them from memory, not from disk.
+        assert read_stats(store)["memory_hit_blocks"] == win["blocks"]
         hanging.close()
 
         before = blob_files(store)
@@ -171,9 +176,11 @@ def test_freeze_after_eviction_and_thaw_on_the_same_server(
         assert code == 0, win
         assert win["blocks"] == (first["usage"]["total_tokens"] - 1) // BLOCK
         code, status = cwm(sock, "status", "evicted")
-        assert code == 0 and status["complete"] is True
+        assert code == 0 and status["complete"] is True and status["resident_blocks"] == 0
         code, thawed = cwm(sock, "thaw", "evicted")
-        assert code == 0
+        assert code == 0 and thawed["staged_blocks"] == win["blocks"]
+        code, status = cwm(sock, "status", "evicted")
+        assert status["resident_blocks"] == win["blocks"] and status["tiers"] == ["memory", "disk"]
         again = srv.complete(thawed["token_ids"], salt="s1", max_tokens=4)
         # The local cache lost the session: the hit comes from the window.
         assert srv.metric(EXTERNAL_HITS) == (len(thawed["token_ids"]) - 1) // BLOCK * BLOCK

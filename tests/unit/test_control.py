@@ -7,7 +7,8 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,14 @@ from cwm_connector.protocol import MAX_FRAME_BYTES, read_frame
 pytestmark = pytest.mark.timeout(60)
 
 
-def handler(op: str, args: dict[str, Any]) -> Any:
+def handler(op: str, args: dict[str, Any], progress: Callable[[int, int], None]) -> Any:
     if op == "echo":
         return args
+    if op == "count":
+        for done in range(1, args["total"] + 1):
+            progress(done, args["total"])
+            time.sleep(0.15)  # beyond the server's progress throttle
+        return {"counted": args["total"]}
     raise CwmError(f"unknown op {op!r}", code="unknown_op")
 
 
@@ -63,6 +69,18 @@ def test_round_trip_and_structured_errors(server: ControlServer) -> None:
     with pytest.raises(CwmError) as err:
         client.call("nope")
     assert err.value.code == "unknown_op" and not err.value.retryable
+
+
+def test_progress_frames_only_when_asked(server: ControlServer) -> None:
+    seen: list[tuple[int, int]] = []
+    result = ControlClient(server.path).call(
+        "count", on_progress=lambda d, t: seen.append((d, t)), total=3
+    )
+    assert result == {"counted": 3}
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    with raw(server) as sock:  # no "progress" flag: the first frame is the response
+        sock.sendall(frame({"v": 1, "id": 5, "op": "count", "args": {"total": 2}}))
+        assert read_frame(sock) == {"v": 1, "id": 5, "ok": True, "result": {"counted": 2}}
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ class FakeConnector:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self._lock = threading.Lock()
 
-    def handle(self, op: str, args: dict[str, Any]) -> Any:
+    def handle(self, op: str, args: dict[str, Any], progress: Any = None) -> Any:
         with self._lock:
             self.calls.append((op, dict(args)))
             return getattr(self, f"op_{op}")(**args)

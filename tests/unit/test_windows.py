@@ -177,3 +177,20 @@ def test_export_import_round_trip_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(CwmError) as err:
         other.import_(str(out))
     assert err.value.code == "fingerprint_mismatch" and "model" in err.value.message
+
+
+def test_long_ops_report_progress_through_handle(tmp_path: Path) -> None:
+    src = make_service(tmp_path / "a")
+    capture(src, "s", list(range(200)))  # 6 full blocks
+    seen: dict[str, list[tuple[int, int]]] = {"freeze": [], "export": [], "import": []}
+    src.handle("freeze", {"salt": "s", "name": "w"}, lambda d, t: seen["freeze"].append((d, t)))
+    out = str(tmp_path / "w.cwm")
+    src.handle("export", {"name": "w", "file": out}, lambda d, t: seen["export"].append((d, t)))
+    dst = make_service(tmp_path / "b")
+    dst.handle("import", {"file": out}, lambda d, t: seen["import"].append((d, t)))
+    assert seen["freeze"][-1] == (6, 6)
+    assert seen["export"] == [(i, 6) for i in range(1, 7)]
+    assert seen["import"] == [(i, 12) for i in range(1, 13)]
+    with pytest.raises(CwmError) as err:  # the callback slot cannot be filled by a client
+        src.handle("export", {"name": "w", "file": out, "_progress": 1})
+    assert err.value.code == "bad_request"

@@ -1,0 +1,126 @@
+"""Thaw's prestaging: the worker channel reads, verifies and pins blobs in host memory."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cwm_connector.catalog import Catalog, catalog_path
+from cwm_connector.config import CwmConfig
+from cwm_connector.errors import CwmError
+from cwm_connector.kv_layout import KVLayout
+from cwm_connector.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
+from cwm_connector.worker import CwmWorker
+from cwm_connector.worker_channel import WorkerChannels, start_worker_channel
+
+pytestmark = pytest.mark.timeout(60)
+NUM_BLOCKS = 16
+SHAPE = (NUM_BLOCKS, 2, 32, 128)  # the CPU layout
+
+
+def caches(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        f"layer.{i}": torch.randn(SHAPE, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+        for i in range(2)
+    }
+
+
+def worker_on(store: Path, kv: dict[str, torch.Tensor], **cfg: object) -> CwmWorker:
+    Catalog(catalog_path(store)).register_fingerprint("fp", "engine", "{}")
+    return CwmWorker(CwmConfig(store_dir=str(store), **cfg), "fp", KVLayout(kv, NUM_BLOCKS), 0)
+
+
+def wait_for(worker: CwmWorker, key: str, job_id: int | None = None) -> WorkerReport:
+    merged = WorkerReport(rank=0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        report = worker.take_report()
+        if report is not None:
+            merged.staged.update(report.staged)
+            merged.stored += report.stored
+        if (key == "stored" and len(merged.stored) >= 3) or (
+            key == "staged" and job_id in merged.staged
+        ):
+            return merged
+        time.sleep(0.01)
+    raise AssertionError(f"no {key} report: {merged}")
+
+
+def captured_store(store: Path, hashes: list[bytes]) -> dict[str, torch.Tensor]:
+    source = caches(seed=1)
+    writer = worker_on(store, source)
+    writer.submit(StepPlan(captures=[CaptureJob("req", [2, 4, 6], hashes)]))
+    wait_for(writer, "stored")
+    writer.shutdown()
+    return source
+
+
+def test_prestaged_blocks_restore_from_memory_even_if_the_disk_loses_them(tmp_path: Path) -> None:
+    hashes = [b"h1", b"h2", b"h3"]
+    source = captured_store(tmp_path, hashes)
+    target = caches(seed=2)
+    worker = worker_on(tmp_path, target, verify_restore=True)
+    sock = Path(tempfile.mkdtemp(dir="/tmp")) / "control.sock.rank0"
+    channel = start_worker_channel(sock, worker)
+    assert channel is not None
+    try:
+        result = WorkerChannels([sock]).prestage(hashes)
+        assert result == {"staged": 3, "from_memory": 0, "no_room": 0, "failed": []}
+        assert WorkerChannels([sock]).resident(hashes) == 3
+        assert worker.memory.num_pinned() == 3
+        for blob_file in (tmp_path / "blobs").rglob("*.blob"):
+            blob_file.unlink()  # only the memory tier can serve the restore now
+        worker.submit(StepPlan(stages=[StageJob(9, hashes)]))
+        assert wait_for(worker, "staged", 9).staged[9] == 3
+        worker.submit(StepPlan(loads=[LoadJob("r", 9, [10, 11, 12])]))
+        assert worker.take_load_errors() == set()
+        for name in source:
+            for src, dst in zip([2, 4, 6], [10, 11, 12], strict=True):
+                assert torch.equal(target[name][dst], source[name][src])
+        stats = worker.stats.snapshot()
+        assert stats["memory_hit_blocks"] == 3 and stats["restore_verified_blocks"] == 3
+        assert worker.memory.num_pinned() == 0  # staged: the thaw's pins are released
+    finally:
+        channel.stop()
+        worker.shutdown()
+
+
+def test_prestage_reports_corrupt_and_unknown_blocks(tmp_path: Path) -> None:
+    hashes = [b"a1", b"a2", b"a3"]
+    captured_store(tmp_path, hashes)
+    worker = worker_on(tmp_path, caches(seed=3))
+    digest = Catalog(catalog_path(tmp_path)).digests_for("fp", [b"a2"])[b"a2"]
+    path = worker.disk.path_for(digest)
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = worker.prestage([*hashes, b"never-stored"])
+    assert result["staged"] == 2 and not worker.memory.contains(digest)
+    assert result["failed"] == [digest.hex(), b"never-stored".hex()]
+    assert worker.stats.snapshot()["digest_errors"] == 1
+    worker.shutdown()
+
+
+def test_channel_refuses_bad_arguments_and_unknown_ops(tmp_path: Path) -> None:
+    worker = worker_on(tmp_path, caches(seed=4))
+    sock = Path(tempfile.mkdtemp(dir="/tmp")) / "control.sock.rank0"
+    channel = start_worker_channel(sock, worker)
+    assert channel is not None
+    try:
+        client = WorkerChannels([sock]).clients[0]
+        for bad in (["text"], "x", [b""], [b"x" * 65]):
+            with pytest.raises(CwmError) as err:
+                client.call("prestage", block_hashes=bad)
+            assert err.value.code == "bad_request"
+        with pytest.raises(CwmError) as err:
+            client.call("rm", block_hashes=[])
+        assert err.value.code == "unknown_op"
+        assert WorkerChannels([sock.with_name("nobody")]).resident([b"x"]) is None
+    finally:
+        channel.stop()
+        worker.shutdown()
