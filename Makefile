@@ -9,9 +9,15 @@ EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cwm-setup-$(EXTRA)
 
-.PHONY: setup demo test lint unit e2e bench clean
+.PHONY: setup system-deps demo test lint unit e2e bench clean
 
-setup: $(STAMP)
+setup: system-deps $(STAMP)
+
+# Debian's redis-server, for the Redis tier's tests (real servers on loopback ports).
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +27,7 @@ $(STAMP): pyproject.toml
 	$(if $(filter cpu,$(EXTRA)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
-demo: setup
+demo: $(STAMP)
 	$(PY) -m cwm_connector.demo $(if $(MODEL),--model $(MODEL),)
 
 lint: setup

@@ -42,6 +42,15 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def model_spec(args: argparse.Namespace) -> TinyModelSpec:
+    """The random Llama the flags describe."""
+    return TinyModelSpec(
+        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
+        max_position_embeddings=max(8192, args.prompt_tokens + 64), dtype=args.dtype,
+    )  # fmt: skip
+
+
 def first_token(out: dict[str, Any]) -> str:
     return out["choices"][0]["text"]
 
@@ -223,11 +232,7 @@ def table(r: dict[str, Any]) -> str:
 
 def main() -> int:
     args = parse_args()
-    spec = TinyModelSpec(
-        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-        num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
-        max_position_embeddings=max(8192, args.prompt_tokens + 64), dtype=args.dtype,
-    )  # fmt: skip
+    spec = model_spec(args)
     work = Path(tempfile.mkdtemp(prefix="cwm-bench-"))
     load_start = os.getloadavg()  # the machine is shared: record how busy it was
     print(f"work dir: {work}", flush=True)

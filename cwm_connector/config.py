@@ -26,6 +26,7 @@ class CwmConfig:
     capture: str = "salted"
     verify_restore: bool = False  # re-read restored blocks and compare digests (tests)
     stage_timeout_s: float = 10.0  # give up staging a request's blocks after this
+    copy_backend: str = "auto"  # KV block copies: auto | triton | torch | native (KVLayout checks)
     thaw_pin_s: float = 600.0  # a thawed window's blobs stay pinned in memory this long
 
     def __post_init__(self) -> None:

@@ -30,10 +30,14 @@ from cwm_connector.fingerprint import (
     full_fingerprint,
     hash_chain_stable,
 )
+from cwm_connector.hash_chain import block_hash_chain
 from cwm_connector.plans import StepPlan, WorkerReport
 from cwm_connector.scheduler import CwmScheduler
 from cwm_connector.sessions import SessionTable
 from cwm_connector.stats import Stats, read_stats
+from cwm_connector.store import TieredStore
+from cwm_connector.tier_disk import DiskTier
+from cwm_connector.tier_memory import MemoryTier
 from cwm_connector.windows import WindowService
 from cwm_connector.worker import CwmWorker
 from cwm_connector.worker_channel import WorkerChannels, start_worker_channel
@@ -49,7 +53,11 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
+    from cwm_connector.tier_redis import RedisTier
+    from cwm_connector.window_share import SharedWindows
+
 logger = logging.getLogger("vllm.cwm")
+SCHEDULER_REDIS_TIMEOUT_S = 0.1
 
 
 @dataclass
@@ -117,9 +125,21 @@ class CWMConnector(KVConnectorBase_V1):
         self._sched_stats = Stats(self.cfg.store_path / "stats" / "scheduler.json")
         engine_fp_id = self._engine_fp_id
         catalog = self._catalog
+        # The engine thread asks Redis only with a short timeout, behind a circuit breaker.
+        self._redis = _redis_tier(self.cfg.redis_url, socket_timeout_s=SCHEDULER_REDIS_TIMEOUT_S)
+        redis = self._redis
 
         def lookup(hashes: Any) -> set[bytes]:
-            return catalog.stored_hashes(engine_fp_id, hashes) if hashes else set()
+            if not hashes:
+                return set()
+            found = catalog.stored_hashes(engine_fp_id, hashes)
+            if redis is not None and len(found) < len(hashes):
+                rest = [h for h in hashes if h not in found]
+                per_rank = [set(redis.get_blocks(fp, rest)) for fp in catalog.engine_fp_ids(
+                    engine_fp_id)]  # fmt: skip
+                if per_rank:
+                    found |= set.intersection(*per_rank)
+            return found
 
         self._scheduler = CwmScheduler(
             block_size=self._block_size,
@@ -141,6 +161,7 @@ class CWMConnector(KVConnectorBase_V1):
     def _start_control(self, vllm_config: VllmConfig) -> ControlServer | None:
         """Serve window ops on the control socket; a failure disables only the socket."""
         model = vllm_config.model_config
+        store, shared = self._window_store(vllm_config)
         service = WindowService(
             store_dir=self.cfg.store_path,
             engine_fp=self._engine_fp,
@@ -156,6 +177,8 @@ class CWMConnector(KVConnectorBase_V1):
                     for rank in range(vllm_config.parallel_config.tensor_parallel_size)
                 ]
             ),
+            store=store,
+            shared=shared,
         )
         server = ControlServer(self.cfg.control_socket_path, service.handle)
         try:
@@ -166,12 +189,32 @@ class CWMConnector(KVConnectorBase_V1):
         logger.info("cwm: control socket at %s", self.cfg.control_socket_path)
         return server
 
+    def _window_store(self, vllm_config: VllmConfig) -> tuple[TieredStore, SharedWindows | None]:
+        """Tiers the window ops read through (disk, then Redis), and Redis sharing if set."""
+        disk = DiskTier(self.cfg.store_path)
+        redis = _redis_tier(self.cfg.redis_url)
+        store = TieredStore(MemoryTier(1), disk, redis, Stats(None), promote=False)
+        if redis is None:
+            return store, None
+        from cwm_connector.window_share import SharedWindows
+
+        block_size = self._block_size
+        algo = vllm_config.cache_config.prefix_caching_hash_algo
+
+        def chain(token_ids: list[int], salt: str) -> list[bytes]:
+            return block_hash_chain(token_ids, block_size, salt, algo)
+
+        return store, SharedWindows(redis, store, chain)
+
     def _stats_snapshot(self) -> dict[str, Any]:
         assert self._scheduler is not None
-        return {
+        snapshot: dict[str, Any] = {
             "scheduler": asdict(self._scheduler.counters),
             "worker": read_stats(self.cfg.store_path),
         }
+        if self._redis is not None:
+            snapshot["redis"] = {"scheduler": self._redis.counters()}
+        return snapshot
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -184,7 +227,7 @@ class CWMConnector(KVConnectorBase_V1):
         from cwm_connector.kv_layout import KVLayout
 
         num_blocks = self._kv_cache_config.num_blocks
-        layout = KVLayout(kv_caches, num_blocks)
+        layout = KVLayout(kv_caches, num_blocks, backend=self.cfg.copy_backend)
         rank = _tp_rank()
         doc = full_fingerprint(self._engine_fp, layout.describe(), rank)
         fp_id = canonical_id(doc)
@@ -209,7 +252,8 @@ class CWMConnector(KVConnectorBase_V1):
         self._worker.submit(meta.plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads finish in start_load_kv, before the forward."""
+        """Loads are ordered before the forward in start_load_kv (CPU: a memcpy done
+        there; CUDA: the forward's stream waits on the copy stream's event)."""
         return
 
     def save_kv_layer(
@@ -329,6 +373,15 @@ class _Detokenizer:
                 self._name, trust_remote_code=self._trust
             )
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=False))
+
+
+def _redis_tier(url: str, **kwargs: Any) -> RedisTier | None:
+    """The Redis tier of a redis_url (None when unset)."""
+    if not url:
+        return None
+    from cwm_connector.tier_redis import RedisTier
+
+    return RedisTier(url, **kwargs)
 
 
 def _tp_rank() -> int:

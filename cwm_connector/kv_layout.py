@@ -10,24 +10,30 @@ Host copies live in a StagingBuffer that is layer-major: one contiguous
 `(capacity, layer_block_bytes)` region per layer, so a gather or scatter is one
 `index_select`/`index_copy_` per layer with no intermediate copy, and a blob is
 read or written with one vectored syscall over the block's per-layer segments.
+On CUDA the staging memory is pinned and the copies are done by the backend
+that `copy_backend` names (gpu_copy.py), optionally on a caller's stream.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from cwm_connector.gpu_copy import BlockCopier
 
 
 class StagingBuffer:
     """Host memory for up to `capacity` blocks, one contiguous region per layer."""
 
-    def __init__(self, layer_block_bytes: Sequence[int], capacity: int):
+    def __init__(self, layer_block_bytes: Sequence[int], capacity: int, pin_memory: bool = False):
         self.capacity = capacity
         self.nbytes = capacity * sum(layer_block_bytes)
-        self._flat = torch.empty(self.nbytes, dtype=torch.uint8)
+        # Pinned (page-locked) on CUDA hosts: the GPU reads and writes it directly.
+        self._flat = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        self.is_pinned = pin_memory
         self.layers: list[torch.Tensor] = []
         offset = 0
         for nbytes in layer_block_bytes:
@@ -48,8 +54,11 @@ class StagingBuffer:
 class StagingPool:
     """Reuses staging buffers (page faults on fresh memory cost more than the copy)."""
 
-    def __init__(self, layer_block_bytes: Sequence[int], max_idle_bytes: int):
+    def __init__(
+        self, layer_block_bytes: Sequence[int], max_idle_bytes: int, pin_memory: bool = False
+    ):
         self._layer_block_bytes = list(layer_block_bytes)
+        self._pin_memory = pin_memory
         self._max_idle_bytes = max_idle_bytes
         self._idle: list[StagingBuffer] = []
         self._lock = threading.Lock()
@@ -62,7 +71,7 @@ class StagingPool:
                 best = min(fits, key=lambda b: b.capacity)
                 self._idle.remove(best)
                 return best
-        return StagingBuffer(self._layer_block_bytes, max(num_blocks, 1))
+        return StagingBuffer(self._layer_block_bytes, max(num_blocks, 1), self._pin_memory)
 
     def give(self, buffer: StagingBuffer) -> None:
         """Return a buffer for reuse (dropped if the idle budget is full)."""
@@ -74,7 +83,7 @@ class StagingPool:
     def prewarm(self, num_blocks: int) -> None:
         """Allocate and prefault one buffer ahead of the first restore."""
         if num_blocks > 0:
-            buffer = StagingBuffer(self._layer_block_bytes, num_blocks)
+            buffer = StagingBuffer(self._layer_block_bytes, num_blocks, self._pin_memory)
             buffer.prefault()
             self.give(buffer)
 
@@ -82,7 +91,7 @@ class StagingPool:
 class KVLayout:
     """The registered KV tensors and how one block maps onto them."""
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int):
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int, backend: str = "auto"):
         if not kv_caches:
             raise ValueError("no KV cache tensors registered")
         self.num_blocks = num_blocks
@@ -99,6 +108,8 @@ class KVLayout:
         ]
         self.block_bytes = sum(self.layer_block_bytes)
         self.device = self.tensors[0].device
+        self.copier = BlockCopier(self.tensors, self.block_dims, backend)
+        self.backend = self.copier.backend  # resolved: torch | triton | native
 
     def describe(self) -> dict[str, Any]:
         """The layout facts that go into the fingerprint."""
@@ -118,32 +129,74 @@ class KVLayout:
 
     def new_pool(self, max_idle_bytes: int) -> StagingPool:
         """A staging pool shaped for this layout."""
-        return StagingPool(self.layer_block_bytes, max_idle_bytes)
+        return StagingPool(self.layer_block_bytes, max_idle_bytes, self.is_cuda)
 
-    def gather(self, block_ids: Sequence[int], out: StagingBuffer) -> None:
-        """Copy blocks out of the paged cache into rows [0, n) of `out`."""
-        num = len(block_ids)
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        for tensor, dim, shape, rows in zip(
-            self.tensors, self.block_dims, self.block_shapes, out.layers, strict=True
-        ):
-            dest = rows[:num].view(tensor.dtype).view(num, *shape)
-            if dim == 0 and tensor.device.type == "cpu":
-                torch.index_select(tensor, 0, ids, out=dest)
-            else:
-                dest.copy_(tensor.index_select(dim, ids).movedim(dim, 0))
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
 
-    def scatter(self, block_ids: Sequence[int], src: StagingBuffer) -> None:
-        """Write rows [0, n) of `src` into these paged blocks."""
-        num = len(block_ids)
-        if num > src.capacity:
-            raise ValueError(f"{num} blocks requested, buffer holds {src.capacity}")
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        for tensor, dim, shape, rows in zip(
-            self.tensors, self.block_dims, self.block_shapes, src.layers, strict=True
-        ):
-            values = rows[:num].to(self.device).view(tensor.dtype).view(num, *shape)
-            tensor.index_copy_(dim, ids, values.movedim(0, dim))
+    def new_buffer(self, capacity: int) -> StagingBuffer:
+        """A staging buffer for `capacity` blocks (pinned when the KV cache is on CUDA)."""
+        return StagingBuffer(self.layer_block_bytes, capacity, self.is_cuda)
+
+    def gather(
+        self, block_ids: Sequence[int], out: StagingBuffer, stream: torch.cuda.Stream | None = None
+    ) -> torch.cuda.Event | None:
+        """Copy blocks out of the paged cache into rows [0, n) of `out`.
+
+        CPU: done on return, None. CUDA: queued on `stream` (default: the current
+        stream) after the work already queued on the current stream (the
+        forwards that wrote these blocks); returns the event that marks the end.
+        With a stream the call does not wait: `event.synchronize()` before
+        reading `out` or letting vLLM reuse the blocks. Without one it waits.
+        """
+        self._check(block_ids, out)
+        return self._run(
+            block_ids, stream, lambda ids: self.copier.gather(ids, len(block_ids), out)
+        )
+
+    def scatter(
+        self, block_ids: Sequence[int], src: StagingBuffer, stream: torch.cuda.Stream | None = None
+    ) -> torch.cuda.Event | None:
+        """Write rows [0, n) of `src` into these paged blocks.
+
+        Same stream contract as `gather`; with a stream, make the forward wait
+        (`torch.cuda.current_stream().wait_event(event)`) and keep `src` until
+        the event completes.
+        """
+        self._check(block_ids, src)
+        return self._run(
+            block_ids, stream, lambda ids: self.copier.scatter(ids, len(block_ids), src)
+        )
+
+    def _check(self, block_ids: Sequence[int], buffer: StagingBuffer) -> None:
+        # Kernels do not bound-check: a wrong id must never become a wild write.
+        if len(block_ids) > buffer.capacity:
+            raise ValueError(f"{len(block_ids)} blocks requested, buffer holds {buffer.capacity}")
+        if block_ids and not 0 <= min(block_ids) <= max(block_ids) < self.num_blocks:
+            raise ValueError(f"block ids outside [0, {self.num_blocks})")
+
+    def _run(
+        self,
+        block_ids: Sequence[int],
+        stream: torch.cuda.Stream | None,
+        work: Callable[[torch.Tensor], None],
+    ) -> torch.cuda.Event | None:
+        if not self.is_cuda:
+            work(torch.tensor(block_ids, dtype=torch.long, device=self.device))
+            return None
+        current = torch.cuda.current_stream(self.device)
+        side = current if stream is None else stream
+        if side != current:
+            side.wait_stream(current)
+        with torch.cuda.stream(side):
+            ids = torch.tensor(block_ids, dtype=torch.long).pin_memory()
+            work(ids.to(self.device, non_blocking=True))
+            event = torch.cuda.Event()
+            event.record(side)
+        if stream is None:
+            event.synchronize()
+        return event
 
 
 def _block_dim(tensor: torch.Tensor, num_blocks: int) -> int:

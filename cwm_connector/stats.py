@@ -18,6 +18,8 @@ class Stats:
     def __init__(self, path: Path | None):
         self._path = path
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._seq = self._written_seq = 0
         self._counts: Counter[str] = Counter()
         self._dirty = False
         self._last_flush = 0.0
@@ -50,14 +52,21 @@ class Stats:
                 return
             data = json.dumps(dict(self._counts), sort_keys=True)
             self._dirty = False
+            self._seq += 1
+            seq = self._seq
             self._last_flush = now
-        try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(data)
-            os.replace(tmp, self._path)
-        except OSError:
-            pass  # stats are best effort
+        # One writer at a time: threads sharing the temp name would lose a write.
+        with self._write_lock:
+            if self._written_seq > seq:
+                return  # a newer snapshot is already on disk
+            self._written_seq = seq
+            try:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(data)
+                os.replace(tmp, self._path)
+            except OSError:
+                pass  # stats are best effort
 
 
 def read_stats(store_dir: Path, name: str = "worker-rank0") -> dict[str, int]:

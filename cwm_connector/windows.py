@@ -14,9 +14,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -26,9 +26,15 @@ from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.fingerprint import canonical_json, differing_fields
 from cwm_connector.hash_chain import block_hash_chain
 from cwm_connector.sessions import SessionTable, salt_digest
+from cwm_connector.stats import Stats
+from cwm_connector.store import TieredStore
 from cwm_connector.tier_disk import DiskTier
+from cwm_connector.tier_memory import MemoryTier
 from cwm_connector.window_io import EXPORT_FORMAT, read_export
 from cwm_connector.worker_channel import WorkerChannels
+
+if TYPE_CHECKING:
+    from cwm_connector.window_share import SharedWindows
 
 logger = logging.getLogger("vllm.cwm.windows")
 Progress = Callable[[int, int], None]
@@ -74,10 +80,17 @@ class WindowService:
         detokenize: Callable[[list[int]], str],
         stats: Callable[[], dict[str, Any]],
         channels: WorkerChannels | None = None,
+        store: TieredStore | None = None,
+        shared: SharedWindows | None = None,
         freeze_timeout_s: float = 60.0,
     ):
         self.store_dir = store_dir
         self.disk = DiskTier(store_dir)
+        # Verification and export read through the tiers (disk, then Redis); nothing is cached.
+        self.store = store or TieredStore(
+            MemoryTier(1), self.disk, None, Stats(None), promote=False
+        )
+        self.shared = shared
         self.engine_fp = engine_fp
         self.engine_fp_id = engine_fp_id
         self.block_size = block_size
@@ -136,8 +149,7 @@ class WindowService:
         found = self._wait_durable(hashes, _progress)
         blocks = [(h, found[h]) for h in hashes]
         row = self._row(name, session.salt, list(session.token_ids), parent=None)
-        if not self.catalog.insert_window(row, blocks, replace=overwrite):
-            raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
+        self._insert(row, blocks, replace=overwrite)
         return self._describe(name)
 
     def thaw(self, name: str) -> dict[str, Any]:
@@ -183,7 +195,8 @@ class WindowService:
             return None
 
     def list(self) -> list[dict[str, Any]]:
-        return [self._describe(name) for name in self.catalog.window_names()]
+        in_redis = set() if self.shared is None else set(self.shared.names())
+        return [self._describe(name, in_redis=in_redis) for name in self._names(in_redis)]
 
     def status(self, name: str) -> dict[str, Any]:
         _, blocks = self._load(name)
@@ -213,8 +226,7 @@ class WindowService:
                 for h, d in blocks
             ]
         new_row = self._row(dst, new_salt, token_ids, parent=src)
-        if not self.catalog.insert_window(new_row, blocks, block_rows=block_rows):
-            raise WindowError(f"window {dst!r} exists", code="window_exists")
+        self._insert(new_row, blocks, block_rows=block_rows)
         return self._describe(dst)
 
     def delete(self, name: str) -> dict[str, Any]:
@@ -222,8 +234,10 @@ class WindowService:
         with self._write_lock:
             sizes_before = self.catalog.totals()["stored_bytes"]
             orphans = self.catalog.delete_window(name)
-            if orphans is None:
+            in_redis = self.shared is not None and self.shared.remove(name)
+            if orphans is None and not in_redis:
                 raise WindowError(f"no window named {name!r}", code="window_not_found")
+            orphans = orphans or []
             for dig in orphans:  # rows went first: a crash here leaves only orphan files
                 self.disk.delete(dig)
             freed = sizes_before - self.catalog.totals()["stored_bytes"]
@@ -232,7 +246,7 @@ class WindowService:
     def stats(self) -> dict[str, Any]:
         return {
             **self._stats(),
-            "store": {**self.catalog.totals(), "windows": len(self.catalog.window_names())},
+            "store": {**self.catalog.totals(), "windows": len(self._names())},
             "sessions": len(self.sessions.summary()),
         }
 
@@ -246,7 +260,7 @@ class WindowService:
         raw_len = sizes[blocks[0][1]][0] if blocks else 0
         data = np.empty((len(blocks), raw_len), dtype=np.uint8)
         for i, (_, dig) in enumerate(blocks):
-            self.disk.read_into(dig, [memoryview(data[i])])
+            self.store.read_into(dig, [memoryview(data[i])])
             _progress(i + 1, len(blocks))
         manifest = {
             "format": EXPORT_FORMAT,
@@ -300,8 +314,7 @@ class WindowService:
         block_rows = [(fp, h, d) for fp in fps for h, d in zip(hashes, digests, strict=True)]
         row = self._row(name, manifest["salt"], token_ids, parent=None)
         blocks = list(zip(hashes, digests, strict=True))
-        if not self.catalog.insert_window(row, blocks, block_rows=block_rows, blob_rows=blob_rows):
-            raise WindowError(f"window {name!r} exists", code="window_exists")
+        self._insert(row, blocks, block_rows=block_rows, blob_rows=blob_rows)
         return self._describe(name)
 
     # -- helpers -------------------------------------------------------------
@@ -319,15 +332,71 @@ class WindowService:
             "parent": parent,
         }
 
+    def _insert(
+        self,
+        row: dict[str, object],
+        blocks: list[tuple[bytes, bytes]],
+        *,
+        replace: bool = False,
+        block_rows: Sequence[tuple[str, bytes, bytes]] = (),
+        blob_rows: Sequence[tuple[bytes, int, int, str]] = (),
+    ) -> None:
+        """Add a window: claim its name in Redis first (when shared), then the local catalog."""
+        name = str(row["name"])
+        if self.shared is not None:
+            sizes = {d: (raw, stored, "") for d, (raw, stored) in self.catalog.blob_sizes(
+                [d for _, d in blocks]).items()}  # fmt: skip
+            sizes.update({d: (raw, stored, codec) for d, raw, stored, codec in blob_rows})
+            fp_rows = {fp: list(blocks) for fp in self.catalog.engine_fp_ids(self.engine_fp_id)}
+            if not self.shared.publish(row, blocks, sizes, fp_rows, replace):
+                raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
+            replace = True  # the name is ours now; the local row is a mirror
+        ok = self.catalog.insert_window(
+            row, blocks, replace=replace, block_rows=block_rows, blob_rows=blob_rows
+        )
+        if not ok:
+            raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
+
+    def _names(self, in_redis: set[str] | None = None) -> list[str]:
+        names = set(self.catalog.window_names())
+        if self.shared is not None:
+            names |= set(self.shared.names()) if in_redis is None else in_redis
+        return sorted(names)
+
     def _load(self, name: str) -> tuple[dict[str, object], list[tuple[bytes, bytes]]]:
         found = self.catalog.get_window(validate_name(name))
+        if found is None and self.shared is not None:
+            fetched = self.shared.fetch(name)
+            if fetched is not None:  # mirror a window another server froze
+                row, blocks, sizes = fetched
+                fps = self.catalog.engine_fp_ids(self.engine_fp_id)
+                self.catalog.insert_window(
+                    row,
+                    blocks,
+                    replace=True,
+                    block_rows=[(fp, h, d) for fp in fps for h, d in blocks],
+                    blob_rows=[
+                        (d, raw, stored, codec or "redis") for d, raw, stored, codec in sizes
+                    ],
+                )
+                found = self.catalog.get_window(name)
         if found is None:
             raise WindowError(f"no window named {name!r}", code="window_not_found")
         return found
 
-    def _describe(self, name: str, resident: int = 0) -> dict[str, Any]:
+    def _describe(
+        self, name: str, resident: int = 0, in_redis: set[str] | None = None
+    ) -> dict[str, Any]:
         row, blocks = self._load(name)
         sizes = self.catalog.blob_sizes([d for _, d in blocks])
+        tiers = ["memory"] if blocks and resident >= len(blocks) else []
+        if all(self.disk.contains(d) for d in dict.fromkeys(d for _, d in blocks)):
+            tiers.append("disk")
+        if self.shared is not None:
+            if in_redis is None:
+                in_redis = set(self.shared.names())
+            if name in in_redis:
+                tiers.append("redis")
         return {
             "name": row["name"],
             "salt": row["salt"],
@@ -339,7 +408,7 @@ class WindowService:
             "created": row["created"],
             "parent": row["parent"],
             "fingerprint": str(row["engine_fp"])[:16],
-            "tiers": ["memory", "disk"] if blocks and resident >= len(blocks) else ["disk"],
+            "tiers": tiers,
         }
 
     def _check_fingerprint(self, name: str, row: dict[str, object]) -> None:
@@ -373,7 +442,7 @@ class WindowService:
         for dig in dict.fromkeys(digests):
             raw_len = sizes.get(dig, (0, 0))[0]
             try:
-                self.disk.read_into(dig, [memoryview(bytearray(raw_len))])
+                self.store.read_into(dig, [memoryview(bytearray(raw_len))])
             except (BlobCorruptError, BlobMissingError, CwmError):
                 bad.append(dig)
         return bad

@@ -22,8 +22,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from cwm_connector.blob import digest_segments
 from cwm_connector.catalog import Catalog, catalog_path
@@ -32,8 +34,12 @@ from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.kv_layout import KVLayout, StagingBuffer
 from cwm_connector.plans import CaptureJob, StageJob, StepPlan, WorkerReport
 from cwm_connector.stats import Stats
+from cwm_connector.store import TieredStore
 from cwm_connector.tier_disk import DiskTier
 from cwm_connector.tier_memory import MemoryTier
+
+if TYPE_CHECKING:
+    from cwm_connector.tier_redis import RedisTier
 
 logger = logging.getLogger("vllm.cwm.worker")
 
@@ -51,6 +57,14 @@ class _Staged:
         return len(self.digests)
 
 
+@dataclass(slots=True)
+class _Capture:
+    job: CaptureJob
+    buffer: StagingBuffer | None = None  # CUDA: the gather was already queued into it
+    event: torch.cuda.Event | None = None
+    failed: bool = False
+
+
 class CwmWorker:
     """Moves KV bytes between the paged cache, host memory and the store."""
 
@@ -64,6 +78,7 @@ class CwmWorker:
         self.memory = MemoryTier(cfg.memory_bytes)
         self.catalog_path = catalog_path(root)
         self.stats = Stats(root / "stats" / f"worker-rank{rank}.json")
+        self.store = TieredStore(self.memory, self.disk, _redis_tier(cfg.redis_url), self.stats)
         self.pool = layout.new_pool(max_idle_bytes=min(cfg.memory_bytes, PREWARM_BYTES))
         self._lock = threading.Lock()
         self._staged: dict[int, _Staged] = {}
@@ -77,7 +92,10 @@ class CwmWorker:
         self._readers = ThreadPoolExecutor(
             NUM_READERS, thread_name_prefix="cwm-read", initializer=_leave_forward_cores
         )
-        self._capture_q: queue.Queue[CaptureJob | None] = queue.Queue()
+        self._capture_q: queue.Queue[_Capture | None] = queue.Queue()
+        # CUDA: copies run on their own stream, overlapping the forward passes.
+        self._copy_stream = torch.cuda.Stream(layout.device) if layout.is_cuda else None
+        self._loads_in_flight: list[tuple[torch.cuda.Event, StagingBuffer]] = []
         self._stage_q: queue.Queue[StageJob | None] = queue.Queue()
         removed = self.disk.clean_orphan_tmp()
         if removed:
@@ -92,10 +110,11 @@ class CwmWorker:
     # -- engine thread -----------------------------------------------------
     def submit(self, plan: StepPlan) -> None:
         """Queue this step's captures and stages, apply drops, run loads now."""
+        self._release_finished_loads()
         for job in plan.captures:
             with self._lock:
                 self._capturing.add(job.req_id)
-            self._capture_q.put(job)
+            self._capture_q.put(self._start_gather(job))
         for job in plan.stages:
             self._stage_q.put(job)
         with self._lock:
@@ -119,14 +138,20 @@ class CwmWorker:
             return
         started = time.perf_counter()
         try:
-            self.layout.scatter(block_ids[:num], staged.buffer)
+            event = self.layout.scatter(block_ids[:num], staged.buffer, stream=self._copy_stream)
         except Exception:
             logger.exception("cwm: scatter failed for load job %d", job_id)
             self._load_errors.update(block_ids[:num])
             self.stats.add("load_errors", num)
-            return
-        finally:
             self.pool.give(staged.buffer)
+            return
+        if event is None:
+            self.pool.give(staged.buffer)
+        else:
+            # The forward's stream waits for the copy on the GPU; the host does not block.
+            # The buffer goes back to the pool once the copy finished (a later step).
+            torch.cuda.current_stream(self.layout.device).wait_event(event)
+            self._loads_in_flight.append((event, staged.buffer))
         logger.info("cwm: loaded %d blocks in %.1f ms", num, (time.perf_counter() - started) * 1e3)
         self.stats.add("loaded_blocks", num)
         self.stats.add("loaded_bytes", num * self.layout.block_bytes)
@@ -143,6 +168,28 @@ class CwmWorker:
             logger.error("cwm: %d restored blocks differ from their blobs", len(bad))
             self.stats.add("restore_mismatch_blocks", len(bad))
             self._load_errors.update(block_ids[i] for i in bad)
+
+    def _start_gather(self, job: CaptureJob) -> _Capture:
+        """On CUDA, queue the gather on the copy stream now (it overlaps the next forward)."""
+        if self._copy_stream is None:
+            return _Capture(job)
+        buffer = self.pool.take(len(job.block_ids))
+        try:
+            event = self.layout.gather(job.block_ids, buffer, stream=self._copy_stream)
+        except Exception:
+            logger.exception("cwm: gather failed for %s", job.req_id)
+            return _Capture(job, buffer, None, failed=True)
+        return _Capture(job, buffer, event)
+
+    def _release_finished_loads(self) -> None:
+        """Give back the staging buffers of async loads whose copies completed."""
+        still = []
+        for event, buffer in self._loads_in_flight:
+            if event.query():
+                self.pool.give(buffer)
+            else:
+                still.append((event, buffer))
+        self._loads_in_flight = still
 
     def _release(self, job_id: int) -> _Staged | None:
         staged = self._staged.pop(job_id, None)
@@ -179,16 +226,23 @@ class CwmWorker:
         for thread in self._threads:
             thread.join(timeout_s)
         self._readers.shutdown(wait=False)
+        self.store.close()
         self.stats.flush(force=True)
 
     # -- capture thread ----------------------------------------------------
     def _capture_loop(self) -> None:
         _leave_forward_cores()
         catalog = Catalog(self.catalog_path)
-        while (job := self._capture_q.get()) is not None:
-            buffer = self.pool.take(len(job.block_ids))
+        while (capture := self._capture_q.get()) is not None:
+            job = capture.job
+            buffer = capture.buffer or self.pool.take(len(job.block_ids))
             try:
-                self.layout.gather(job.block_ids, buffer)
+                if capture.failed:
+                    raise RuntimeError("gather could not be queued")
+                if capture.event is not None:
+                    capture.event.synchronize()  # queued by the engine thread (CUDA)
+                else:
+                    self.layout.gather(job.block_ids, buffer)
                 gathered = True
             except Exception:
                 logger.exception("cwm: gather failed for %s", job.req_id)
@@ -200,7 +254,7 @@ class CwmWorker:
             else:
                 self._report_stored([], job.block_hashes)
             self.pool.give(buffer)
-            self.stats.flush(force=True)
+            self._flush_stats()
         catalog.close()
 
     def _store_rows(self, catalog: Catalog, hashes: list[bytes], buffer: StagingBuffer) -> None:
@@ -218,6 +272,7 @@ class CwmWorker:
                     self.stats.add("stored_bytes", stored)
                 blocks.append((block_hash, dig))
             catalog.add_blocks(self.fp_id, blocks, blobs)
+            self.store.share(self.fp_id, blocks)
         except (CwmError, OSError, Exception) as exc:  # a failed write is a future miss
             logger.error("cwm: capture of %d blocks failed: %s", len(hashes), exc)
             self.stats.add("store_errors")
@@ -226,6 +281,9 @@ class CwmWorker:
         self.stats.add("captured_blocks", len(hashes))
         self.stats.add("captured_raw_bytes", len(hashes) * self.layout.block_bytes)
         self._report_stored(hashes, [])
+
+    def _flush_stats(self) -> None:
+        self.store.flush_stats()
 
     def _report_stored(self, stored: list[bytes], failed: list[bytes]) -> None:
         with self._lock:
@@ -265,7 +323,7 @@ class CwmWorker:
                 num, len(job.block_hashes), num * self.layout.block_bytes / 1e6,
                 (time.perf_counter() - started) * 1e3,
             )  # fmt: skip
-            self.stats.flush(force=True)
+            self._flush_stats()
         catalog.close()
 
     def _stage(self, catalog: Catalog, job: StageJob) -> _Staged:
@@ -274,12 +332,13 @@ class CwmWorker:
         wanted = job.block_hashes[: max(0, budget // self.layout.block_bytes)]
         if len(wanted) < len(job.block_hashes):
             self.stats.add("stage_budget_cut_blocks", len(job.block_hashes) - len(wanted))
-        found = catalog.digests_for(self.fp_id, wanted)
+        found = self.store.digests_for(catalog, self.fp_id, wanted)
         digests = _leading([found.get(h) for h in wanted])
+        remote = self.store.fetch_remote(digests)  # one pipelined Redis batch, if any
         buffer = self.pool.take(len(digests))
 
         def read(index: int) -> str | None:
-            return self._read_blob(wanted[index], digests[index], buffer.segments(index))
+            return self._read_blob(wanted[index], digests[index], buffer.segments(index), remote)
 
         # Two readers overlap the kernel's page-cache copies (the GIL is released there).
         failures = list(self._readers.map(read, range(len(digests))))
@@ -291,19 +350,17 @@ class CwmWorker:
         self.memory.unpin(digests[:num_ok])  # a thaw's pin ends once its blocks are staged
         return _Staged(buffer, digests[:num_ok])
 
-    def _read_blob(self, block_hash: bytes, dig: bytes, segments: list[memoryview]) -> str | None:
-        """Read one verified blob into segments (memory tier first); on failure log, count,
+    def _read_blob(
+        self,
+        block_hash: bytes,
+        dig: bytes,
+        segments: list[memoryview],
+        remote: dict[bytes, bytes] | None = None,
+    ) -> str | None:
+        """Read one verified blob into segments (memory, disk, Redis); on failure log, count,
         return its kind."""
-        held = self.memory.get(dig)
-        if held is not None and held.nbytes == sum(len(s) for s in segments):
-            offset = 0
-            for segment in segments:  # verified when it entered the tier
-                segment[:] = memoryview(held[offset : offset + len(segment)])
-                offset += len(segment)
-            self.stats.add("memory_hit_blocks")
-            return None
         try:
-            self.disk.read_into(dig, segments)
+            self.store.read_into(dig, segments, remote)
             return None
         except BlobCorruptError as exc:
             logger.error(
@@ -329,7 +386,7 @@ class CwmWorker:
         _leave_forward_cores()
         catalog = Catalog(self.catalog_path)
         try:
-            found = catalog.digests_for(self.fp_id, list(block_hashes))
+            found = self.store.digests_for(catalog, self.fp_id, list(block_hashes))
             staged, from_memory, no_room = 0, 0, 0
             failed: list[str] = []
             pin_s = self.cfg.thaw_pin_s
@@ -357,7 +414,7 @@ class CwmWorker:
         finally:
             catalog.close()
         self.stats.add("prestaged_blocks", staged)
-        self.stats.flush(force=True)
+        self._flush_stats()
         return {
             "asked": len(block_hashes),
             "staged": staged,
@@ -370,10 +427,19 @@ class CwmWorker:
         """How many of these blocks' blobs the memory tier holds."""
         catalog = Catalog(self.catalog_path)
         try:
-            found = catalog.digests_for(self.fp_id, list(block_hashes))
+            found = self.store.digests_for(catalog, self.fp_id, list(block_hashes))
         finally:
             catalog.close()
         return sum(1 for h in block_hashes if h in found and self.memory.contains(found[h]))
+
+
+def _redis_tier(url: str) -> RedisTier | None:
+    """The Redis tier of a redis_url (None when unset)."""
+    if not url:
+        return None
+    from cwm_connector.tier_redis import RedisTier
+
+    return RedisTier(url)
 
 
 def _leave_forward_cores() -> None:

@@ -7,35 +7,19 @@ blocks and compute the same tokens: their outputs must be identical.
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_tools import BLOCK, CONTINUATION, EXTERNAL_HITS, blob_files, cwm, outputs, server
 
 from cwm_connector.protocol import read_frame
 from cwm_connector.stats import read_stats
 from cwm_connector.tiny_model import make_prompt
-from cwm_connector.vllm_process import VllmServer, kv_transfer_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-
-BLOCK = 32
-EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
-CONTINUATION = list(range(100, 120))  # 20 token ids: stays inside the window's last block
-
-
-def cwm(socket: Path, *args: str) -> tuple[int, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cwm_connector.cli", *args, "--socket", str(socket), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return proc.returncode, json.loads(proc.stdout)
 
 
 def mcp_call(socket: Path, tool: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -59,20 +43,6 @@ def mcp_call(socket: Path, tool: str, args: dict[str, Any]) -> dict[str, Any]:
         return result.structured_content
 
     return anyio.run(body)
-
-
-def server(model: Path, store: Path, logs: Path, name: str) -> VllmServer:
-    config = kv_transfer_config({"store_dir": str(store), "verify_restore": True})
-    return VllmServer(str(model), logs / f"{name}.log", connector=config)
-
-
-def outputs(resp: dict[str, Any]) -> tuple[list[str], list[float], list[Any]]:
-    lp = resp["choices"][0]["logprobs"]
-    return lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]
-
-
-def blob_files(store: Path) -> int:
-    return len(list((store / "blobs").rglob("*.blob")))
 
 
 def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Path) -> None:

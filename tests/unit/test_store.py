@@ -144,3 +144,52 @@ def test_segmented_write_and_read_equal_the_joined_blob(tmp_path: Path, codec: s
     outs = [bytearray(len(p)) for p in parts]
     disk.read_into(dig, [memoryview(o) for o in outs])
     assert b"".join(outs) == raw
+
+
+def _adversarial() -> dict[str, bytes]:
+    rng = np.random.default_rng(7)
+    specials = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-40, -1e38], dtype=np.float32)
+    return {
+        "random": rng.integers(0, 256, 65536, dtype=np.uint8).tobytes(),
+        "zeros": bytes(65536),
+        "ones": b"\xff" * 65536,
+        "nan_inf_f32": rng.choice(specials, 16384).astype(np.float32).tobytes(),
+        "nan_inf_f16": rng.choice(specials, 32768).astype(np.float16).tobytes(),
+        "odd_length": rng.integers(0, 256, 4097, dtype=np.uint8).tobytes(),
+        "one_byte": b"\x01",
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_adversarial()))
+def test_zstd_round_trip_is_bit_exact_on_adversarial_data(tmp_path: Path, kind: str) -> None:
+    raw = _adversarial()[kind]
+    encoded = blob.encode(raw, "zstd")
+    header = blob.parse_header(encoded)
+    assert header.codec == "zstd" and header.raw_len == len(raw)
+    assert bytes(blob.decode_payload(header, encoded[blob.HEADER_SIZE :])) == raw
+    out = bytearray(len(raw))
+    blob.unpack_into(encoded, blob.digest(raw), [memoryview(out)])  # the Redis read path
+    assert bytes(out) == raw
+
+
+def test_stats_file_holds_the_last_snapshot_under_concurrent_flushes(tmp_path: Path) -> None:
+    import json
+    import threading
+
+    from cwm_connector.stats import Stats
+
+    stats = Stats(tmp_path / "stats.json")
+
+    def work(i: int) -> None:
+        for _ in range(300):
+            stats.add(f"thread{i}")
+            stats.flush(force=True)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats.flush(force=True)
+    assert json.loads((tmp_path / "stats.json").read_text()) == stats.snapshot()
+    assert stats.snapshot() == {f"thread{i}": 300 for i in range(4)}
