@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/tiers.json"))
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (model, stores, logs)")
     return p.parse_args()
 
 
@@ -193,7 +194,10 @@ def main() -> int:
         return 0 if all(result["checks"].values()) else 1
     finally:
         redis.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from cwm_connector.tier_disk import DiskTier
 from cwm_connector.tier_memory import MemoryTier
 from cwm_connector.windows import WindowService
 from cwm_connector.worker import CwmWorker
-from cwm_connector.worker_channel import WorkerChannels, start_worker_channel
+from cwm_connector.worker_channel import ThawStager, WorkerChannels, start_worker_channel
 
 if TYPE_CHECKING:
     import torch
@@ -171,11 +171,15 @@ class CWMConnector(KVConnectorBase_V1):
             sessions=self._sessions,
             detokenize=_Detokenizer(model.tokenizer, model.trust_remote_code),
             stats=self._stats_snapshot,
-            channels=WorkerChannels(
-                [
-                    self.cfg.worker_socket_path(rank)
-                    for rank in range(vllm_config.parallel_config.tensor_parallel_size)
-                ]
+            channels=ThawStager(
+                WorkerChannels(
+                    [
+                        self.cfg.worker_socket_path(rank)
+                        for rank in range(vllm_config.parallel_config.tensor_parallel_size)
+                    ]
+                ),
+                self._scheduler,
+                self.cfg.thaw_pin_s,
             ),
             store=store,
             shared=shared,

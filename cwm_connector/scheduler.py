@@ -10,12 +10,17 @@ Lifecycle of a hit ("promise only what is in hand"):
    leading blocks they hold (`apply_report`).
 3. The next call returns exactly that many blocks' tokens; after allocation
    `update_state_after_alloc` turns them into a LoadJob (a memcpy).
+
+A thaw stages a window before any request asks (`prepare_ready` names the job,
+the workers stage it, `complete_ready` records it): a request whose first
+blocks are that window's is promised them at the first call, no round trip.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +47,13 @@ class _PendingHit:
     num_blocks_ready: int | None = None  # set once every rank reported (or on timeout)
 
 
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    job_id: int
+    block_hashes: tuple[bytes, ...]
+    expires_at: float
+
+
 @dataclass(slots=True)
 class SchedulerCounters:
     """Counters the scheduler side keeps (blocks unless named otherwise)."""
@@ -56,6 +68,7 @@ class SchedulerCounters:
     stored_blocks: int = 0
     store_failed_blocks: int = 0
     lookup_errors: int = 0
+    prestaged_hit_blocks: int = 0
 
 
 class CwmScheduler:
@@ -85,6 +98,10 @@ class CwmScheduler:
         self._inflight_capture: set[bytes] = set()
         self._plan = StepPlan()
         self.counters = SchedulerCounters()
+        # Written by control-socket threads (thaw), read by the engine thread.
+        self._ready_lock = threading.Lock()
+        self._ready: dict[bytes, _Ready] = {}  # first block hash -> prestaged job
+        self._ready_drops: list[int] = []
 
     # -- restore -----------------------------------------------------------
     def get_num_new_matched_tokens(
@@ -105,6 +122,8 @@ class CwmScheduler:
         if not self.restore or start >= max_blocks:
             return 0, False
         if pending is None:
+            if start == 0 and (hit := self._take_ready(block_hashes[:max_blocks])) is not None:
+                return self._promise_ready(req_id, *hit)
             return self._begin_lookup(req_id, block_hashes[start:max_blocks], start)
         if pending.num_blocks_ready is None:
             if self._clock() - pending.submitted_at < self.stage_timeout_s:
@@ -139,6 +158,51 @@ class CwmScheduler:
         self._job_to_req[job_id] = req_id
         self._plan.stages.append(StageJob(job_id, list(wanted[:run])))
         return None, False
+
+    # -- thaw: prestaged jobs -------------------------------------------------
+    def prepare_ready(self) -> int:
+        """A job id for a thaw's staging (any thread)."""
+        return next(self._job_ids)  # itertools.count is atomic under the GIL
+
+    def complete_ready(self, job_id: int, block_hashes: Sequence[bytes], ttl_s: float) -> None:
+        """Record that every worker holds these leading blocks as job `job_id` (any thread).
+
+        The workers release the job after ttl_s; it is promised only within 90% of that.
+        """
+        if not block_hashes:
+            return
+        entry = _Ready(job_id, tuple(block_hashes), self._clock() + 0.9 * ttl_s)
+        with self._ready_lock:
+            old = self._ready.get(entry.block_hashes[0])
+            if old is not None:
+                self._ready_drops.append(old.job_id)  # a re-thaw replaces the older job
+            self._ready[entry.block_hashes[0]] = entry
+
+    def _take_ready(self, hashes: Sequence[bytes]) -> tuple[_Ready, int] | None:
+        """The prestaged job these hashes start with, and how many blocks match (one use)."""
+        if not hashes or not self._ready:
+            return None
+        with self._ready_lock:
+            entry = self._ready.get(hashes[0])
+            if entry is None:
+                return None
+            del self._ready[hashes[0]]
+            if entry.expires_at < self._clock():
+                self._ready_drops.append(entry.job_id)
+                return None
+        run = 0
+        while run < min(len(hashes), len(entry.block_hashes)) and (
+            hashes[run] == entry.block_hashes[run]
+        ):
+            run += 1
+        return entry, run
+
+    def _promise_ready(self, req_id: str, entry: _Ready, run: int) -> tuple[int, bool]:
+        pending = _PendingHit(entry.job_id, 0, run, self._clock(), num_blocks_ready=run)
+        self._pending[req_id] = pending
+        self._job_to_req[entry.job_id] = req_id
+        self.counters.prestaged_hit_blocks += run
+        return run * self.block_size, False
 
     def update_state_after_alloc(
         self, req_id: str, block_ids: Sequence[int], num_external_tokens: int
@@ -199,6 +263,10 @@ class CwmScheduler:
     # -- step boundary -----------------------------------------------------
     def build_plan(self) -> StepPlan:
         """Hand over this step's jobs and start a new plan."""
+        if self._ready_drops:
+            with self._ready_lock:
+                drops, self._ready_drops = self._ready_drops, []
+            self._plan.drops.extend(drops)
         plan, self._plan = self._plan, StepPlan()
         return plan
 

@@ -31,7 +31,7 @@ from cwm_connector.store import TieredStore
 from cwm_connector.tier_disk import DiskTier
 from cwm_connector.tier_memory import MemoryTier
 from cwm_connector.window_io import EXPORT_FORMAT, read_export
-from cwm_connector.worker_channel import WorkerChannels
+from cwm_connector.worker_channel import ThawStager
 
 if TYPE_CHECKING:
     from cwm_connector.window_share import SharedWindows
@@ -79,7 +79,7 @@ class WindowService:
         sessions: SessionTable,
         detokenize: Callable[[list[int]], str],
         stats: Callable[[], dict[str, Any]],
-        channels: WorkerChannels | None = None,
+        channels: ThawStager | None = None,
         store: TieredStore | None = None,
         shared: SharedWindows | None = None,
         freeze_timeout_s: float = 60.0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import threading
@@ -22,9 +23,8 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from cwm_connector.blob import digest_segments
@@ -51,6 +51,8 @@ PREWARM_BYTES = 256 << 20  # staging memory prefaulted at start (fresh pages cos
 class _Staged:
     buffer: StagingBuffer  # rows [0, len(digests)) hold verified blocks
     digests: list[bytes]
+    expires_at: float = math.inf  # a thaw's prestaged job is released after thaw_pin_s
+    prestaged: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -111,6 +113,7 @@ class CwmWorker:
     def submit(self, plan: StepPlan) -> None:
         """Queue this step's captures and stages, apply drops, run loads now."""
         self._release_finished_loads()
+        self._expire_staged()
         for job in plan.captures:
             with self._lock:
                 self._capturing.add(job.req_id)
@@ -154,6 +157,8 @@ class CwmWorker:
             self._loads_in_flight.append((event, staged.buffer))
         logger.info("cwm: loaded %d blocks in %.1f ms", num, (time.perf_counter() - started) * 1e3)
         self.stats.add("loaded_blocks", num)
+        if staged.prestaged:
+            self.stats.add("loaded_prestaged_blocks", num)
         self.stats.add("loaded_bytes", num * self.layout.block_bytes)
         if self.cfg.verify_restore:
             self._verify_restored(block_ids[:num], staged.digests[:num])
@@ -303,7 +308,7 @@ class CwmWorker:
                     continue
             started = time.perf_counter()
             try:
-                staged = self._stage(catalog, job)
+                staged, _ = self._stage(catalog, job)
             except Exception:
                 logger.exception("cwm: staging job %d failed", job.job_id)
                 staged = None
@@ -326,7 +331,8 @@ class CwmWorker:
             self._flush_stats()
         catalog.close()
 
-    def _stage(self, catalog: Catalog, job: StageJob) -> _Staged:
+    def _stage(self, catalog: Catalog, job: StageJob) -> tuple[_Staged, list[bytes]]:
+        """Read and verify the leading blocks of a job; the staged run and what failed."""
         with self._lock:
             budget = self.cfg.memory_bytes - self._staged_bytes
         wanted = job.block_hashes[: max(0, budget // self.layout.block_bytes)]
@@ -347,8 +353,10 @@ class CwmWorker:
                 catalog.forget_blob(dig)  # the next capture of this content heals it
         num_ok = next((i for i, failure in enumerate(failures) if failure), len(failures))
         self.stats.add("staged_blocks", num_ok)
-        self.memory.unpin(digests[:num_ok])  # a thaw's pin ends once its blocks are staged
-        return _Staged(buffer, digests[:num_ok])
+        failed = [d for d, failure in zip(digests, failures, strict=True) if failure]
+        if len(digests) < len(wanted):  # a block this rank never stored
+            failed.append(wanted[len(digests)])
+        return _Staged(buffer, digests[:num_ok]), failed
 
     def _read_blob(
         self,
@@ -381,56 +389,69 @@ class CwmWorker:
             return "io"
 
     # -- worker channel (thaw) ---------------------------------------------
-    def prestage(self, block_hashes: Sequence[bytes]) -> dict[str, int | list[str]]:
-        """Read, verify and pin these blocks' blobs in the memory tier (runs off-engine)."""
+    def prestage(self, block_hashes: Sequence[bytes], job_id: int) -> dict[str, Any]:
+        """Stage these blocks now as job `job_id` (a thaw): read, verify, hold in host memory.
+
+        Runs on a worker-channel thread. The scheduler promises the job's blocks to the
+        next request with this prefix without asking again; unused, it is released
+        after `thaw_pin_s`.
+        """
         _leave_forward_cores()
+        started = time.perf_counter()
         catalog = Catalog(self.catalog_path)
         try:
-            found = self.store.digests_for(catalog, self.fp_id, list(block_hashes))
-            staged, from_memory, no_room = 0, 0, 0
-            failed: list[str] = []
-            pin_s = self.cfg.thaw_pin_s
-            for block_hash in block_hashes:
-                dig = found.get(block_hash)
-                if dig is None:
-                    failed.append(block_hash.hex())
-                    continue
-                held = self.memory.get(dig)
-                if held is not None:
-                    from_memory += 1
-                    data = held
-                else:
-                    data = np.empty(self.layout.block_bytes, dtype=np.uint8)
-                    failure = self._read_blob(block_hash, dig, [memoryview(data)])
-                    if failure is not None:
-                        if failure in ("corrupt", "missing"):
-                            catalog.forget_blob(dig)
-                        failed.append(dig.hex())
-                        continue
-                if self.memory.put(dig, data, pin_s=pin_s):
-                    staged += 1
-                else:
-                    no_room += 1
+            staged, failed = self._stage(catalog, StageJob(job_id, list(block_hashes)))
         finally:
             catalog.close()
-        self.stats.add("prestaged_blocks", staged)
+        staged.expires_at = time.monotonic() + self.cfg.thaw_pin_s
+        staged.prestaged = True
+        with self._lock:
+            old = self._release(job_id)
+            if old is not None:
+                self.pool.give(old.buffer)
+            if staged.num_blocks:
+                self._staged[job_id] = staged
+                self._staged_bytes += staged.num_blocks * self.layout.block_bytes
+            else:
+                self.pool.give(staged.buffer)
+        self.stats.add("prestaged_blocks", staged.num_blocks)
         self._flush_stats()
+        logger.info(
+            "cwm: thaw staged %d/%d blocks in %.1f ms",
+            staged.num_blocks, len(block_hashes), (time.perf_counter() - started) * 1e3,
+        )  # fmt: skip
         return {
             "asked": len(block_hashes),
-            "staged": staged,
-            "from_memory": from_memory,
-            "no_room": no_room,
-            "failed": failed,
+            "staged": staged.num_blocks,
+            "failed": [d.hex() for d in failed],
         }
 
     def resident(self, block_hashes: Sequence[bytes]) -> int:
-        """How many of these blocks' blobs the memory tier holds."""
+        """How many of these blocks are held in host memory (staged, or in the memory tier)."""
         catalog = Catalog(self.catalog_path)
         try:
             found = self.store.digests_for(catalog, self.fp_id, list(block_hashes))
         finally:
             catalog.close()
-        return sum(1 for h in block_hashes if h in found and self.memory.contains(found[h]))
+        with self._lock:
+            staged = {d for st in self._staged.values() for d in st.digests}
+        return sum(
+            1
+            for h in block_hashes
+            if h in found and (found[h] in staged or self.memory.contains(found[h]))
+        )
+
+    def _expire_staged(self) -> None:
+        """Release prestaged jobs nobody loaded in time (engine thread, every step)."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [j for j, st in self._staged.items() if st.expires_at < now]
+            for job_id in expired:
+                staged = self._release(job_id)
+                if staged is not None:
+                    self.pool.give(staged.buffer)
+        if expired:
+            self.stats.add("prestage_expired_jobs", len(expired))
 
 
 def _redis_tier(url: str) -> RedisTier | None:

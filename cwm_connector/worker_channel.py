@@ -3,8 +3,11 @@
 An idle engine runs no steps, so the connector metadata cannot carry a staging
 job at thaw time. Each worker serves a small Unix socket of its own,
 `<control_socket>.rank<N>` (mode 0600, the control-socket protocol), with two
-ops: `prestage` (read, verify and pin the blobs of these block hashes in the
-memory tier) and `resident` (how many of them the memory tier holds).
+ops: `prestage` (read and verify the blobs of these block hashes into host
+memory now, as a staging job whose id the scheduler chose) and `resident` (how
+many of them are held in host memory). The scheduler then promises that job's
+blocks to the next request with the same prefix at once: no staging round
+trip, the load is a memcpy.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ MAX_HASHES = 100_000  # a frame of 100k 32-byte hashes stays far below the frame
 class Prestager(Protocol):
     """What the worker offers the channel."""
 
-    def prestage(self, block_hashes: Sequence[bytes]) -> dict[str, Any]: ...
+    def prestage(self, block_hashes: Sequence[bytes], job_id: int) -> dict[str, Any]: ...
 
     def resident(self, block_hashes: Sequence[bytes]) -> int: ...
 
@@ -46,7 +49,10 @@ def start_worker_channel(path: Path, worker: Prestager) -> ControlServer | None:
 
     def handle(op: str, args: dict[str, Any], progress: Callable[[int, int], None]) -> Any:
         if op == "prestage":
-            return worker.prestage(_hashes(args))
+            job_id = args.get("job_id")
+            if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id < 1:
+                raise CwmError("job_id must be a positive integer", code="bad_request")
+            return worker.prestage(_hashes(args), job_id)
         if op == "resident":
             return {"resident": worker.resident(_hashes(args))}
         raise CwmError(f"unknown worker op {op!r}", code="unknown_op")
@@ -66,16 +72,16 @@ class WorkerChannels:
     def __init__(self, paths: Sequence[Path], timeout_s: float = PRESTAGE_TIMEOUT_S):
         self.clients = [ControlClient(path, timeout_s=timeout_s) for path in paths]
 
-    def prestage(self, block_hashes: Sequence[bytes]) -> dict[str, Any]:
-        """Stage on every rank; `staged` is the least any rank holds. Raises Unavailable."""
-        results = [c.call("prestage", block_hashes=list(block_hashes)) for c in self.clients]
+    def prestage(self, block_hashes: Sequence[bytes], job_id: int) -> dict[str, Any]:
+        """Stage on every rank as one job; `staged` is the least any rank holds.
+
+        Raises CwmError (Unavailable) when a worker does not answer.
+        """
+        results = [
+            c.call("prestage", block_hashes=list(block_hashes), job_id=job_id) for c in self.clients
+        ]
         failed = sorted({f for r in results for f in r.get("failed", [])})
-        return {
-            "staged": min(int(r.get("staged", 0)) for r in results),
-            "from_memory": min(int(r.get("from_memory", 0)) for r in results),
-            "no_room": max(int(r.get("no_room", 0)) for r in results),
-            "failed": failed,
-        }
+        return {"staged": min(int(r.get("staged", 0)) for r in results), "failed": failed}
 
     def resident(self, block_hashes: Sequence[bytes]) -> int | None:
         """Blocks resident in memory on every rank, or None if a worker does not answer."""
@@ -87,3 +93,32 @@ class WorkerChannels:
         except (CwmError, KeyError, TypeError, ValueError):
             return None
         return min(counts)
+
+
+class ReadyBook(Protocol):
+    """The scheduler's record of prestaged jobs."""
+
+    def prepare_ready(self) -> int: ...
+
+    def complete_ready(self, job_id: int, block_hashes: Sequence[bytes], ttl_s: float) -> None: ...
+
+
+class ThawStager:
+    """Thaw's staging: the scheduler names a job, every worker stages it, the scheduler notes it."""
+
+    def __init__(self, channels: WorkerChannels, book: ReadyBook, ttl_s: float):
+        self.channels = channels
+        self.book = book
+        self.ttl_s = ttl_s
+
+    def prestage(self, block_hashes: Sequence[bytes]) -> dict[str, Any]:
+        """Stage a window's blocks on every rank; the next request with them loads at once."""
+        job_id = self.book.prepare_ready()
+        result = self.channels.prestage(block_hashes, job_id)
+        if result["staged"]:
+            self.book.complete_ready(job_id, block_hashes[: result["staged"]], self.ttl_s)
+        return result
+
+    def resident(self, block_hashes: Sequence[bytes]) -> int | None:
+        """Blocks held in host memory on every rank (None if a worker does not answer)."""
+        return self.channels.resident(block_hashes)

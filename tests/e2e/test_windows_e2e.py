@@ -91,8 +91,8 @@ def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Pat
         restored = srv.complete(thawed["token_ids"] + CONTINUATION, salt="s1", max_tokens=8)
         assert srv.metric(EXTERNAL_HITS) == win["blocks"] * BLOCK
         assert outputs(restored) == outputs(reference)
-        # ... and the request staged them from memory, not from disk.
-        assert read_stats(store)["memory_hit_blocks"] == win["blocks"]
+        # ... and the request loaded the thaw's staged blocks: no staging, no disk read.
+        assert read_stats(store)["loaded_prestaged_blocks"] == win["blocks"]
         hanging.close()
 
         before = blob_files(store)

@@ -168,3 +168,50 @@ def test_broken_lookup_is_a_miss() -> None:
     assert sched.get_num_new_matched_tokens("r", hashes(4), 4 * BS + 1, 0) == (0, False)
     assert sched.request_finished("r", "s", hashes(4), 4 * BS, [1, 2, 3, 4]) is False
     assert sched.counters.lookup_errors == 2
+
+
+def test_thawed_job_is_promised_at_the_first_call_once() -> None:
+    hs = hashes(10)
+    sched, _ = make(set(hs))
+    job = sched.prepare_ready()
+    sched.complete_ready(job, hs[:8], ttl_s=100.0)  # the workers staged 8 of 10 blocks
+    # A request with the window's tokens plus a continuation: no staging round trip.
+    longer = [*hs, *hashes(3, "x")]
+    assert sched.get_num_new_matched_tokens("r", longer, 13 * BS + 1, 0) == (8 * BS, False)
+    assert sched.build_plan().stages == []
+    sched.update_state_after_alloc("r", list(range(200, 214)), 8 * BS)
+    (load,) = sched.build_plan().loads
+    assert (load.job_id, load.block_ids) == (job, list(range(200, 208)))
+    assert sched.counters.prestaged_hit_blocks == 8
+    # One use: the next request with that prefix takes the normal path.
+    first, plan = stage(sched, "r2", hs, 10 * BS + 5)
+    assert first == (None, False) and len(plan.stages) == 1
+
+
+def test_thawed_job_matches_only_its_own_prefix_and_expires() -> None:
+    hs = hashes(6)
+    sched, clock = make(set())
+    job = sched.prepare_ready()
+    sched.complete_ready(job, hs, ttl_s=10.0)
+    other = [hs[0], *hashes(5, "z")]  # diverges after the first block
+    assert sched.get_num_new_matched_tokens("r", other, 6 * BS + 1, 0) == (1 * BS, False)
+    sched.request_finished("r", None, other, 0, [])  # finished before allocation: dropped
+    assert job in sched.build_plan().drops
+
+    again = sched.prepare_ready()
+    sched.complete_ready(again, hs, ttl_s=10.0)
+    clock.now += 9.5  # past 90% of the workers' hold: never promised
+    assert sched.get_num_new_matched_tokens("r3", hs, 6 * BS + 1, 0) == (0, False)
+    assert again in sched.build_plan().drops
+
+
+def test_a_second_thaw_of_a_window_replaces_and_drops_the_first_job() -> None:
+    hs = hashes(4)
+    sched, _ = make(set())
+    first, second = sched.prepare_ready(), sched.prepare_ready()
+    sched.complete_ready(first, hs, ttl_s=60.0)
+    sched.complete_ready(second, hs, ttl_s=60.0)
+    assert sched.build_plan().drops == [first]
+    assert sched.get_num_new_matched_tokens("r", hs, 4 * BS + 1, 0) == (4 * BS, False)
+    sched.update_state_after_alloc("r", [1, 2, 3, 4, 5], 4 * BS)
+    assert sched.build_plan().loads[0].job_id == second
