@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from e2e_tools import BLOCK, CONTINUATION, EXTERNAL_HITS, blob_files, cwm, outputs, server
 
+from cwm_connector import blob
 from cwm_connector.protocol import read_frame
 from cwm_connector.stats import read_stats
+from cwm_connector.tier_disk import DiskTier
 from cwm_connector.tiny_model import make_prompt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -43,6 +45,21 @@ def mcp_call(socket: Path, tool: str, args: dict[str, Any]) -> dict[str, Any]:
         return result.structured_content
 
     return anyio.run(body)
+
+
+def zstd_round_trips(store: Path) -> int:
+    """Re-encode every real captured KV blob with zstd and check the decode is bit-exact."""
+    disk = DiskTier(store)
+    count = 0
+    for path in (store / "blobs").rglob("*.blob"):
+        header = blob.parse_header(path.read_bytes()[: blob.HEADER_SIZE])
+        raw = bytearray(header.raw_len)
+        disk.read_into(header.digest, [memoryview(raw)])
+        encoded = blob.encode(raw, "zstd")
+        decoded = blob.decode_payload(blob.parse_header(encoded), encoded[blob.HEADER_SIZE :])
+        assert bytes(decoded) == bytes(raw) and len(encoded) < len(raw)
+        count += 1
+    return count
 
 
 def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Path) -> None:
@@ -108,6 +125,7 @@ def test_freeze_restart_thaw_clone_export_import(tiny_model: Path, tmp_path: Pat
         assert code == 0 and export.stat().st_size == result["bytes"]
         code, status = cwm(sock, "status", "w1")
         assert code == 0 and status["complete"] is True
+        assert zstd_round_trips(store) == blob_files(store) > 0
     finally:
         srv.stop()
 
