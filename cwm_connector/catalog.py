@@ -49,7 +49,9 @@ CREATE TABLE IF NOT EXISTS windows (
     token_ids BLOB NOT NULL,
     num_tokens INTEGER NOT NULL,
     created REAL NOT NULL,
-    parent TEXT
+    parent TEXT,
+    description TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS window_blocks (
     name TEXT NOT NULL,
@@ -60,6 +62,13 @@ CREATE TABLE IF NOT EXISTS window_blocks (
 );
 CREATE INDEX IF NOT EXISTS window_blocks_digest ON window_blocks (digest);
 """
+
+
+# window columns added after schema version 1 (description and tags: issue 8)
+WINDOW_COLUMNS_ADDED = {
+    "description": "TEXT NOT NULL DEFAULT ''",
+    "tags": "TEXT NOT NULL DEFAULT '[]'",
+}
 
 
 def _chunks(items: Sequence[bytes], size: int = MAX_SQL_VARS) -> Iterable[Sequence[bytes]]:
@@ -82,10 +91,18 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
             (SCHEMA_VERSION,),
         )
+
+    def _migrate(self) -> None:
+        """Add the columns later versions introduced to a catalog made by an earlier one."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(windows)")}
+        for column, ddl in WINDOW_COLUMNS_ADDED.items():
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE windows ADD COLUMN {column} {ddl}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -200,9 +217,9 @@ class Catalog:
             )
             self._db.execute(
                 "INSERT INTO windows (name, salt, engine_fp, fingerprint, token_ids, num_tokens, "
-                "created, parent) VALUES (:name, :salt, :engine_fp, :fingerprint, :token_ids, "
-                ":num_tokens, :created, :parent)",
-                row,
+                "created, parent, description, tags) VALUES (:name, :salt, :engine_fp, "
+                ":fingerprint, :token_ids, :num_tokens, :created, :parent, :description, :tags)",
+                {"description": "", "tags": "[]", **row},
             )
             self._db.executemany(
                 "INSERT INTO window_blocks (name, idx, block_hash, digest) VALUES (?, ?, ?, ?)",
@@ -213,8 +230,8 @@ class Catalog:
     def get_window(self, name: str) -> tuple[dict[str, object], list[tuple[bytes, bytes]]] | None:
         """A window's row and its ordered (hash, digest) list, or None."""
         cur = self._db.execute(
-            "SELECT name, salt, engine_fp, fingerprint, token_ids, num_tokens, created, parent "
-            "FROM windows WHERE name = ?",
+            "SELECT name, salt, engine_fp, fingerprint, token_ids, num_tokens, created, parent, "
+            "description, tags FROM windows WHERE name = ?",
             (name,),
         )
         found = cur.fetchone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -27,7 +28,8 @@ class CwmConfig:
     verify_restore: bool = False  # re-read restored blocks and compare digests (tests)
     stage_timeout_s: float = 10.0  # give up staging a request's blocks after this
     copy_backend: str = "auto"  # KV block copies: auto | triton | torch | native (KVLayout checks)
-    thaw_pin_s: float = 600.0  # a thawed window's blobs stay pinned in memory this long
+    thaw_pin_s: float = 600.0  # a thawed window's staged blocks are held this long
+    auto_freeze: str = ""  # JSON object of AutoFreezePolicy fields (a map in extra config)
 
     def __post_init__(self) -> None:
         if self.capture not in CAPTURE_MODES:
@@ -42,6 +44,11 @@ class CwmConfig:
             raise ConfigError("stage_timeout_s must be positive")
         if self.thaw_pin_s < 0:
             raise ConfigError("thaw_pin_s must not be negative")
+
+    @property
+    def auto_freeze_policy(self) -> dict[str, Any]:
+        """The auto_freeze map (empty: the default policy, off)."""
+        return dict(json.loads(self.auto_freeze)) if self.auto_freeze else {}
 
     @property
     def store_path(self) -> Path:
@@ -84,6 +91,11 @@ def _coerce(name: str, raw: Any, type_name: Any) -> Any:
     """Turn an env string or JSON value into the field's type, or raise ConfigError."""
     kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
     try:
+        if name == "auto_freeze":  # a map in the extra config, JSON in CWM_AUTO_FREEZE
+            value = raw if isinstance(raw, dict) else json.loads(str(raw) or "{}")
+            if not isinstance(value, dict):
+                raise ValueError(raw)
+            return json.dumps(value, sort_keys=True)
         if kind == "bool":
             if isinstance(raw, bool):
                 return raw

@@ -8,6 +8,7 @@ through CwmWorker. Every hook delegates; nothing here raises into vLLM.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +18,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from cwm_connector.auto_freeze import AutoFreezePolicy, AutoFreezer
 from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.config import CwmConfig
 from cwm_connector.control import ControlServer
@@ -32,6 +38,7 @@ from cwm_connector.fingerprint import (
 )
 from cwm_connector.hash_chain import block_hash_chain
 from cwm_connector.plans import StepPlan, WorkerReport
+from cwm_connector.prom import CwmPromMetrics, CwmStats, DeltaTracker
 from cwm_connector.scheduler import CwmScheduler
 from cwm_connector.sessions import SessionTable
 from cwm_connector.stats import Stats, read_stats
@@ -99,6 +106,8 @@ class CWMConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._scheduler: CwmScheduler | None = None
         self._worker: CwmWorker | None = None
+        self._deltas = DeltaTracker()  # increments for vLLM's /metrics
+        self._service: WindowService | None = None
         self._channel: ControlServer | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler(vllm_config, transfer.kv_load_failure_policy)
@@ -150,6 +159,12 @@ class CWMConnector(KVConnectorBase_V1):
             stage_timeout_s=self.cfg.stage_timeout_s,
         )
         self._sessions = SessionTable()
+        self._auto = AutoFreezer(
+            AutoFreezePolicy.from_mapping(self.cfg.auto_freeze_policy),
+            vllm_config.model_config.max_model_len,
+        )
+        self._auto_runner = ThreadPoolExecutor(1, thread_name_prefix="cwm-auto-freeze")
+        self._auto_freezes = 0
         self._control = self._start_control(vllm_config)
         logger.info(
             "cwm: connector ready (store %s, capture=%s, engine fingerprint %s)",
@@ -183,7 +198,10 @@ class CWMConnector(KVConnectorBase_V1):
             ),
             store=store,
             shared=shared,
+            auto=self._auto,
+            latency=self._deltas.observe,
         )
+        self._service = service
         server = ControlServer(self.cfg.control_socket_path, service.handle)
         try:
             server.start()
@@ -345,6 +363,7 @@ class CWMConnector(KVConnectorBase_V1):
             self._sessions.record(
                 request.cache_salt, list(request.all_token_ids), request.block_hashes[:num_full]
             )
+            self._maybe_auto_freeze(request.cache_salt, request.num_tokens)
         keep = self._scheduler.request_finished(
             request.request_id,
             request.cache_salt,
@@ -353,6 +372,48 @@ class CWMConnector(KVConnectorBase_V1):
             block_ids,
         )
         return keep, None
+
+    def _maybe_auto_freeze(self, salt: str, num_tokens: int) -> None:
+        """Freeze a session that crossed the policy, in the background (never blocks)."""
+        if not self._auto.check(salt, num_tokens).would_freeze or self._service is None:
+            return
+        name = self._auto.claim(salt)  # the cooldown starts now: one freeze per crossing
+
+        def run() -> None:
+            try:
+                self._service.auto_freeze(salt, num_tokens, name=name)
+                self._auto_freezes += 1
+                logger.info("cwm: auto-froze a session at %d tokens as %r", num_tokens, name)
+            except CwmError as exc:
+                logger.warning("cwm: auto-freeze of %r failed: %s", name, exc)
+
+        self._auto_runner.submit(run)
+
+    # -- metrics -------------------------------------------------------------
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """Counter increments since the last call (both roles), for vLLM's /metrics."""
+        if self._worker is not None:
+            return self._deltas.take(self._worker.stats.snapshot())
+        if self._scheduler is not None:
+            totals = {**asdict(self._scheduler.counters), "auto_freezes": self._auto_freezes}
+            return self._deltas.take(totals)
+        return None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        """Rebuild the stats vLLM passed between processes."""
+        return CwmStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        """cwm's counters and freeze/thaw histograms in vLLM's /metrics."""
+        return CwmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def _flush_scheduler_stats(self) -> None:
         assert self._scheduler is not None

@@ -46,6 +46,11 @@ class SessionTable:
                 found = next((s for k, s in self._sessions.items() if salt_digest(k) == salt), None)
             return found
 
+    def states(self) -> list[SessionState]:
+        """Every session's latest state, most recent first."""
+        with self._lock:
+            return sorted(self._sessions.values(), key=lambda s: -s.updated)
+
     def summary(self) -> list[dict[str, Any]]:
         """Sessions by digest (no salts), most recent first."""
         with self._lock:

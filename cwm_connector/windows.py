@@ -30,10 +30,13 @@ from cwm_connector.stats import Stats
 from cwm_connector.store import TieredStore
 from cwm_connector.tier_disk import DiskTier
 from cwm_connector.tier_memory import MemoryTier
+from cwm_connector.window_admin import AdminOps
 from cwm_connector.window_io import EXPORT_FORMAT, read_export
+from cwm_connector.window_query import WindowQuery
 from cwm_connector.worker_channel import ThawStager
 
 if TYPE_CHECKING:
+    from cwm_connector.auto_freeze import AutoFreezer
     from cwm_connector.window_share import SharedWindows
 
 logger = logging.getLogger("vllm.cwm.windows")
@@ -44,6 +47,7 @@ def _no_progress(done: int, total: int) -> None:
     """The progress callback when nobody asked for progress."""
 
 
+TAG_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FREEZE_POLL_S = 0.05
 
@@ -65,7 +69,7 @@ def validate_name(name: object) -> str:
     return name
 
 
-class WindowService:
+class WindowService(AdminOps):
     """Implements the window ops against the catalog, the disk tier and the sessions table."""
 
     def __init__(
@@ -82,6 +86,8 @@ class WindowService:
         channels: ThawStager | None = None,
         store: TieredStore | None = None,
         shared: SharedWindows | None = None,
+        auto: AutoFreezer | None = None,
+        latency: Callable[[str, float], None] | None = None,
         freeze_timeout_s: float = 60.0,
     ):
         self.store_dir = store_dir
@@ -99,6 +105,8 @@ class WindowService:
         self._detokenize = detokenize
         self._stats = stats
         self.channels = channels
+        self.auto = auto
+        self._latency = latency
         self.freeze_timeout_s = freeze_timeout_s
         self._local = threading.local()
         self._write_lock = threading.Lock()
@@ -120,10 +128,14 @@ class WindowService:
             raise WindowError(f"bad arguments for {op}: names starting with '_' are reserved")
         if op in PROGRESS_OPS:
             args = {**args, "_progress": progress or _no_progress}
+        started = time.monotonic()
         try:
-            return handler(self, **args)
+            result = handler(self, **args)
         except TypeError as exc:
             raise WindowError(f"bad arguments for {op}: {exc}") from exc
+        if op in LATENCY_OPS and self._latency is not None:
+            self._latency(LATENCY_OPS[op], time.monotonic() - started)
+        return result
 
     # -- ops -----------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
@@ -133,7 +145,13 @@ class WindowService:
         return {"version": __version__, "protocol": PROTOCOL_VERSION, "engine": self.engine_fp_id}
 
     def freeze(
-        self, salt: str, name: str, overwrite: bool = False, _progress: Progress = _no_progress
+        self,
+        salt: str,
+        name: str,
+        overwrite: bool = False,
+        description: str = "",
+        tags: Sequence[str] | None = None,
+        _progress: Progress = _no_progress,
     ) -> dict[str, Any]:
         name = validate_name(name)
         session = self.sessions.get(_text(salt, "salt"))
@@ -148,11 +166,13 @@ class WindowService:
         hashes = list(session.block_hashes)
         found = self._wait_durable(hashes, _progress)
         blocks = [(h, found[h]) for h in hashes]
-        row = self._row(name, session.salt, list(session.token_ids), parent=None)
+        row = self._row(name, session.salt, list(session.token_ids), None, description, tags)
         self._insert(row, blocks, replace=overwrite)
         return self._describe(name)
 
-    def thaw(self, name: str) -> dict[str, Any]:
+    def thaw(self, name: str, new_salt: str | None = None) -> dict[str, Any]:
+        if new_salt is not None:  # thaw under another salt: a zero-copy clone first
+            name = self._clone_for_salt(name, _text(new_salt, "new_salt"))
         row, blocks = self._load(name)
         self._check_fingerprint(name, row)
         stored = self.catalog.digests_for_engine(self.engine_fp_id, [h for h, _ in blocks])
@@ -184,6 +204,14 @@ class WindowService:
             "text": self._detokenize(token_ids),
         }
 
+    def _clone_for_salt(self, name: str, new_salt: str) -> str:
+        """A clone of `name` under `new_salt` (made once, then reused): its name."""
+        derived = validate_name(f"{name[:110]}.{salt_digest(new_salt)[:12]}")
+        existing = self.catalog.get_window(derived)
+        if existing is None or existing[0]["salt"] != new_salt:
+            self.clone(name, derived, salt=new_salt)
+        return derived
+
     def _prestage(self, name: str, hashes: list[bytes]) -> dict[str, Any] | None:
         """Have every worker read, verify and pin the window's blobs; None if none answers."""
         if self.channels is None or not hashes:
@@ -194,22 +222,59 @@ class WindowService:
             logger.warning("cwm: thaw of %r could not prestage on the workers: %s", name, exc)
             return None
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self, **query: Any) -> list[dict[str, Any]]:
+        selection = WindowQuery.parse(**query)
         in_redis = set() if self.shared is None else set(self.shared.names())
-        return [self._describe(name, in_redis=in_redis) for name in self._names(in_redis)]
+        described = [self._describe(name, in_redis=in_redis) for name in self._names(in_redis)]
+        return selection.apply(described)
 
-    def status(self, name: str) -> dict[str, Any]:
-        _, blocks = self._load(name)
+    def status(
+        self,
+        name: str | None = None,
+        session: str | None = None,
+        include_cache_stats: bool = False,
+        include_lineage: bool = True,
+    ) -> dict[str, Any]:
+        if (name is None) == (session is None):
+            raise WindowError("status takes exactly one of name or session")
+        if session is not None:
+            return self.session_status(_text(session, "session"))
+        _, blocks = self._load(str(name))
         bad = self._verify_blobs([d for _, d in blocks])
         resident = None if self.channels is None else self.channels.resident([h for h, _ in blocks])
-        return {
-            **self._describe(name, resident=resident or 0),
+        out = {
+            **self._describe(str(name), resident=resident or 0),
             "complete": not bad,
             "damaged_blobs": len(bad),
             "resident_blocks": resident,
         }
+        if include_lineage:
+            out["lineage"] = self.lineage(str(name))
+        if include_cache_stats:
+            out["cache_stats"] = self._stats()
+        return out
 
-    def clone(self, src: str, dst: str, salt: str | None = None) -> dict[str, Any]:
+    def lineage(self, name: str) -> dict[str, Any]:
+        """parent, root and depth of a window (clones point at their source)."""
+        chain = [name]
+        parent = self.catalog.get_window(name)
+        while parent is not None and parent[0]["parent"] and len(chain) < 1000:
+            source = str(parent[0]["parent"])
+            if source in chain:
+                break  # a cycle cannot be made through the ops; never loop on a damaged one
+            chain.append(source)
+            parent = self.catalog.get_window(source)
+        return {"parent": chain[1] if len(chain) > 1 else None, "root": chain[-1],
+                "depth": len(chain) - 1}  # fmt: skip
+
+    def clone(
+        self,
+        src: str,
+        dst: str,
+        salt: str | None = None,
+        description: str | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
         row, blocks = self._load(src)
         dst = validate_name(dst)
         self._check_fingerprint(src, row)
@@ -225,7 +290,14 @@ class WindowService:
                 for fp in self.catalog.engine_fp_ids(self.engine_fp_id)
                 for h, d in blocks
             ]
-        new_row = self._row(dst, new_salt, token_ids, parent=src)
+        new_row = self._row(
+            dst,
+            new_salt,
+            token_ids,
+            src,
+            str(row.get("description", "")) if description is None else description,
+            json.loads(str(row.get("tags") or "[]")) if tags is None else tags,
+        )
         self._insert(new_row, blocks, block_rows=block_rows)
         return self._describe(dst)
 
@@ -319,9 +391,17 @@ class WindowService:
 
     # -- helpers -------------------------------------------------------------
     def _row(
-        self, name: str, salt: str, token_ids: list[int], parent: str | None
+        self,
+        name: str,
+        salt: str,
+        token_ids: list[int],
+        parent: str | None,
+        description: str = "",
+        tags: Sequence[str] | None = None,
     ) -> dict[str, object]:
         return {
+            "description": _text(description, "description", allow_empty=True),
+            "tags": json.dumps(_tags(tags)),
             "name": name,
             "salt": salt,
             "engine_fp": self.engine_fp_id,
@@ -408,6 +488,9 @@ class WindowService:
             "created": row["created"],
             "parent": row["parent"],
             "fingerprint": str(row["engine_fp"])[:16],
+            "model": str(json.loads(str(row["fingerprint"])).get("model", "")),
+            "description": str(row.get("description") or ""),
+            "tags": json.loads(str(row.get("tags") or "[]")),
             "tiers": tiers,
         }
 
@@ -448,10 +531,27 @@ class WindowService:
         return bad
 
 
-def _text(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
+def _text(value: object, what: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or "\x00" in value or len(value) > 4096:
+        raise WindowError(f"{what} must be a string without NUL, at most 4096 characters")
+    if not value and not allow_empty:
         raise WindowError(f"{what} must be a non-empty string")
     return value
+
+
+def _tags(tags: object) -> list[str]:
+    if tags is None:
+        return []
+    if isinstance(tags, str):
+        tags = [tags]
+    if not isinstance(tags, list | tuple) or len(tags) > 64:
+        raise WindowError("tags must be a list of at most 64 strings")
+    out = []
+    for tag in tags:
+        if not isinstance(tag, str) or not TAG_PATTERN.fullmatch(tag):
+            raise WindowError(f"invalid tag {tag!r}: use 1-64 of [A-Za-z0-9._:-]", code="bad_tag")
+        out.append(tag)
+    return sorted(set(out))
 
 
 def _user_path(file: object, must_exist: bool = False) -> Path:
@@ -477,4 +577,10 @@ OPS: dict[str, Callable[..., Any]] = {
     "export": WindowService.export,
     "import": WindowService.import_,
     "stats": WindowService.stats,
+    "sessions": WindowService.sessions_list,
+    "health": WindowService.health,
+    "prometheus": WindowService.prometheus,
+    "auto_freeze_config": WindowService.auto_freeze_config,
+    "auto_freeze_check": WindowService.auto_freeze_check,
 }
+LATENCY_OPS = {"freeze": "freeze_seconds", "thaw": "thaw_seconds"}

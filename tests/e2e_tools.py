@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,14 @@ def outputs(resp: dict[str, Any]) -> tuple[list[str], list[float], list[Any]]:
 def blob_files(store: Path) -> int:
     """Blob files in a store's disk tier."""
     return len(list((store / "blobs").rglob("*.blob")))
+
+
+def metric_at_least(srv: VllmServer, name: str, value: float, timeout_s: float = 30.0) -> float:
+    """Wait until a /metrics counter reaches value. Connector stats reach vLLM only with engine
+    steps, so an idle server is nudged with an unsalted 1-token request each second."""
+    deadline = time.monotonic() + timeout_s
+    while (got := srv.metric(name)) < value:
+        assert time.monotonic() < deadline, f"{name} = {got}, expected >= {value}"
+        srv.complete("nudge", None, max_tokens=1)
+        time.sleep(1.0)
+    return got

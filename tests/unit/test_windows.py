@@ -14,7 +14,7 @@ from cwm_connector.catalog import Catalog
 from cwm_connector.errors import CwmError
 from cwm_connector.fingerprint import canonical_id
 from cwm_connector.hash_chain import block_hash_chain
-from cwm_connector.sessions import SessionTable
+from cwm_connector.sessions import SessionTable, salt_digest
 from cwm_connector.windows import WindowService, validate_name
 
 BS = 32
@@ -194,3 +194,91 @@ def test_long_ops_report_progress_through_handle(tmp_path: Path) -> None:
     with pytest.raises(CwmError) as err:  # the callback slot cannot be filled by a client
         src.handle("export", {"name": "w", "file": out, "_progress": 1})
     assert err.value.code == "bad_request"
+
+
+def test_descriptions_tags_lineage_filters_and_sessions(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    capture(svc, "s1", list(range(100)))
+    capture(svc, "s2", list(range(100, 200)), seed=1)
+    svc.freeze("s1", "w1", description="The first run", tags=["exp", "a"])
+    svc.freeze(salt_digest("s2"), "w2", tags=["exp"])  # a session digest works as well
+    svc.clone("w1", "w1b")
+    svc.clone("w1b", "w1c", description="branch", tags=["b"])
+    assert svc.status(name="w1b")["tags"] == ["a", "exp"]  # a clone keeps its source's
+    assert svc.status(name="w1c")["lineage"] == {"parent": "w1b", "root": "w1", "depth": 2}
+    assert svc.status(name="w1")["lineage"] == {"parent": None, "root": "w1", "depth": 0}
+    assert "cache_stats" in svc.status(name="w1", include_cache_stats=True)
+    assert [w["name"] for w in svc.list(tags=["exp"])] == ["w1", "w1b", "w2"]
+    assert [w["name"] for w in svc.list(search="first")] == ["w1", "w1b"]  # inherited
+    assert [w["name"] for w in svc.list(session="s2")] == ["w2"]
+    assert [w["name"] for w in svc.list(sort_by="created", sort_order="desc", limit=1)] == ["w1c"]
+    with pytest.raises(CwmError) as err:
+        svc.freeze("s1", "w9", tags=["no spaces"])
+    assert err.value.code == "bad_tag"
+    listed = svc.sessions_list()
+    assert {s["session"] for s in listed} == {salt_digest("s1"), salt_digest("s2")}
+    assert all("salt" not in s for s in listed)  # salts are secrets: only when asked
+    assert {s["salt"] for s in svc.sessions_list(reveal=True)} == {"s1", "s2"}
+    by_session = svc.status(session="s1")
+    assert by_session["tokens"] == 100 and by_session["windows"] == ["w1", "w1b", "w1c"]
+    with pytest.raises(CwmError):
+        svc.status(name="w1", session="s1")
+
+
+def test_thaw_under_a_new_salt_rekeys_without_copying(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    tokens = list(range(100))
+    capture(svc, "s1", tokens)
+    svc.freeze("s1", "w1")
+    blobs_before = svc.catalog.totals()["blobs"]
+    thawed = svc.thaw("w1", new_salt="other")
+    assert thawed["salt"] == "other" and thawed["token_ids"] == tokens
+    assert thawed["name"] != "w1" and svc.status(name=thawed["name"])["lineage"]["parent"] == "w1"
+    expected = block_hash_chain(tokens, BS, "other", "sha256")[: thawed["blocks"]]
+    fp = svc.catalog.engine_fp_ids(svc.engine_fp_id)[0]
+    assert set(svc.catalog.digests_for(fp, expected)) == set(expected)  # the new salt hits
+    assert svc.catalog.totals()["blobs"] == blobs_before
+    assert svc.thaw("w1", new_salt="other")["name"] == thawed["name"]  # made once, reused
+
+
+def test_health_metrics_text_and_catalog_migration(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    health = svc.health()
+    assert health["components"]["disk"]["writable"] is True
+    assert health["components"]["redis"] == {"ok": True, "configured": False}
+    assert health["ok"] is (health["components"]["disk"]["free_bytes"] >= 1 << 30)
+    assert "# TYPE cwm:loaded_blocks_total counter" in svc.prometheus()["text"]
+    old = tmp_path / "old"
+    old.mkdir()
+    import sqlite3
+
+    db = sqlite3.connect(old / "catalog.sqlite")  # a catalog made before issue 8's columns
+    db.execute(
+        "CREATE TABLE windows (name TEXT PRIMARY KEY, salt TEXT NOT NULL, engine_fp TEXT NOT "
+        "NULL, fingerprint TEXT NOT NULL, token_ids BLOB NOT NULL, num_tokens INTEGER NOT NULL, "
+        "created REAL NOT NULL, parent TEXT)"
+    )
+    db.commit()
+    db.close()
+    migrated = Catalog(old / "catalog.sqlite")
+    columns = {row[1] for row in migrated._db.execute("PRAGMA table_info(windows)")}
+    assert {"description", "tags"} <= columns
+
+
+def test_auto_freeze_ops_trigger_and_keep_last(tmp_path: Path) -> None:
+    from cwm_connector.auto_freeze import AutoFreezePolicy, AutoFreezer
+
+    svc = make_service(tmp_path)
+    svc.auto = AutoFreezer(AutoFreezePolicy(), max_model_len=4096)
+    with pytest.raises(CwmError):
+        svc.auto_freeze_config(update={"threshold_tokens": -5})
+    policy = svc.auto_freeze_config(update={"threshold_tokens": 64, "keep_last": 2,
+                                            "cooldown_s": 0})  # fmt: skip
+    assert policy["enabled"] is True and policy["threshold_tokens"] == 64
+    capture(svc, "s1", list(range(100)))
+    check = svc.auto_freeze_check(salt_digest("s1"))
+    assert check["would_freeze"] is True and check["window"] is None and check["tokens"] == 100
+    assert svc.auto_freeze_check("s1", tokens=10)["would_freeze"] is False
+    names = [svc.auto_freeze_check("s1", trigger=True)["window"]["name"] for _ in range(3)]
+    kept = [w["name"] for w in svc.list(tags=["auto"])]
+    assert len(set(names)) == 3 and sorted(kept) == sorted(names[1:])  # keep_last = 2
