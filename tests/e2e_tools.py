@@ -53,3 +53,45 @@ def metric_at_least(srv: VllmServer, name: str, value: float, timeout_s: float =
         srv.complete("nudge", None, max_tokens=1)
         time.sleep(1.0)
     return got
+
+
+Call = tuple[str, dict[str, Any]]  # (tool name, arguments), or ("resource", {"uri": ...})
+
+
+def mcp_session(socket: Path, calls: list[Call], vllm_url: str | None = None) -> list[Any]:
+    """Run tool calls and resource reads through the real MCP client, over stdio to `cwm mcp`.
+
+    Each tool result must succeed and be structured; resources come back as parsed JSON.
+    """
+    import anyio
+    from mcp.client import Client
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    args = ["-m", "cwm_connector.cli", "mcp", "--socket", str(socket)]
+    if vllm_url:
+        args += ["--vllm-url", vllm_url]
+    params = StdioServerParameters(
+        command=sys.executable, args=args, cwd=str(Path(__file__).resolve().parents[1])
+    )
+
+    async def body() -> list[Any]:
+        results: list[Any] = []
+        with anyio.fail_after(300):
+            async with Client(stdio_client(params), read_timeout_seconds=200) as client:
+                for tool, arguments in calls:
+                    if tool == "resource":
+                        contents = (await client.read_resource(arguments["uri"])).contents
+                        results.append(json.loads(contents[0].text))
+                        continue
+                    result = await client.call_tool(tool, arguments)
+                    assert not result.is_error, (tool, result.content)
+                    assert result.structured_content is not None, tool
+                    results.append(result.structured_content)
+        return results
+
+    return anyio.run(body)
+
+
+def mcp_call(socket: Path, tool: str, args: dict[str, Any], vllm_url: str | None = None) -> Any:
+    """One tool call through the real MCP client."""
+    return mcp_session(socket, [(tool, args)], vllm_url)[0]

@@ -8,12 +8,19 @@ blocks and compute the same tokens: their outputs must be identical.
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from e2e_tools import BLOCK, CONTINUATION, EXTERNAL_HITS, blob_files, cwm, outputs, server
+from e2e_tools import (
+    BLOCK,
+    CONTINUATION,
+    EXTERNAL_HITS,
+    blob_files,
+    cwm,
+    mcp_call,
+    outputs,
+    server,
+)
 
 from cwm_connector import blob
 from cwm_connector.protocol import read_frame
@@ -22,29 +29,6 @@ from cwm_connector.tier_disk import DiskTier
 from cwm_connector.tiny_model import make_prompt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-
-
-def mcp_call(socket: Path, tool: str, args: dict[str, Any]) -> dict[str, Any]:
-    """One tool call through the real MCP client, over stdio to `cwm mcp`."""
-    import anyio
-    from mcp.client import Client
-    from mcp.client.stdio import StdioServerParameters, stdio_client
-
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "cwm_connector.cli", "mcp", "--socket", str(socket)],
-        cwd=str(Path(__file__).resolve().parents[2]),
-    )
-
-    async def body() -> dict[str, Any]:
-        with anyio.fail_after(120):
-            async with Client(stdio_client(params), read_timeout_seconds=110) as client:
-                result = await client.call_tool(tool, args)
-        assert not result.is_error, result.content
-        assert result.structured_content is not None
-        return result.structured_content
-
-    return anyio.run(body)
 
 
 def zstd_round_trips(store: Path) -> int:

@@ -8,6 +8,7 @@ test_windows.py and end to end.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,12 +18,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from mcp import MCPError
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CallToolResult
@@ -31,6 +34,7 @@ from cwm_connector.client import ControlClient
 from cwm_connector.control import ControlServer
 from cwm_connector.errors import CwmError
 from cwm_mcp.server import build_server
+from cwm_mcp.vllm_api import VllmApi
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOL_NAMES = {
@@ -42,8 +46,18 @@ TOOL_NAMES = {
     "window_delete",
     "window_export",
     "window_import",
+    "session_list",
     "cwm_stats",
+    "get_metrics_data",
+    "cwm_health",
+    "auto_freeze_config",
+    "auto_freeze_check",
 }
+READ_ONLY_TOOLS = {"window_list", "window_status", "session_list", "cwm_stats"} | {
+    "get_metrics_data",
+    "cwm_health",
+}
+RESOURCES = {"sessions://list", "windows://list", "stats://cache", "health://status"}
 WINDOW_FIELDS = {
     "name",
     "salt",
@@ -56,17 +70,34 @@ WINDOW_FIELDS = {
     "parent",
     "fingerprint",
     "tiers",
+    "description",
+    "tags",
 }
 SESSION_TOKENS = {"s1": [11, 12, 13, 14, 15], "s2": [21, 22]}
+DIGESTS = {"s1": "a1a1a1a1a1a1a1a1", "s2": "b2b2b2b2b2b2b2b2"}
+PROMETHEUS_TEXT = "# TYPE cwm_hits_total counter\ncwm_hits_total 3\n"
 CALL_TIMEOUT_S = 30.0
 
 
 class FakeConnector:
-    """Stands in for the connector's op handler: windows in a dict, the same error codes."""
+    """Stands in for the connector's op handler: windows in a dict, the same error codes.
+
+    Each op has exactly the control op's signature, so a wrong argument name fails the
+    call. Filters, sorting and paging are the connector's (tested there), not applied here.
+    """
 
     def __init__(self) -> None:
         self.windows: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.policy: dict[str, Any] = {
+            "enabled": False,
+            "threshold_fraction": 0.0,
+            "threshold_tokens": 0,
+            "cooldown_s": 300.0,
+            "name_pattern": "auto-{salt}-{n}",
+            "tags": ["auto"],
+            "keep_last": 3,
+        }
         self._lock = threading.Lock()
 
     def handle(self, op: str, args: dict[str, Any], progress: Any = None) -> Any:
@@ -79,12 +110,25 @@ class FakeConnector:
             raise CwmError(f"no window named {name!r}", code="window_not_found")
         return self.windows[name]
 
-    def _make(self, name: str, salt: str, parent: str | None) -> dict[str, Any]:
-        tokens = SESSION_TOKENS[salt] if salt in SESSION_TOKENS else SESSION_TOKENS["s1"]
+    def _salt(self, salt_or_digest: str) -> str:
+        for salt, digest in DIGESTS.items():
+            if salt_or_digest in (salt, digest):
+                return salt
+        raise CwmError("no finished request with this salt", code="unknown_session")
+
+    def _make(
+        self,
+        name: str,
+        salt: str,
+        parent: str | None,
+        description: str = "",
+        tags: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        tokens = SESSION_TOKENS.get(salt, SESSION_TOKENS["s1"])
         window = {
             "name": name,
             "salt": salt,
-            "session": f"digest-{salt}",
+            "session": DIGESTS.get(salt, "c3c3c3c3c3c3c3c3"),
             "tokens": len(tokens),
             "blocks": 1,
             "bytes": 4096,
@@ -93,31 +137,81 @@ class FakeConnector:
             "parent": parent,
             "fingerprint": "0123456789abcdef",
             "tiers": ["disk"],
+            "description": description,
+            "tags": list(tags),
         }
         self.windows[name] = window
         return window
 
-    def op_freeze(self, salt: str, name: str, overwrite: bool = False) -> dict[str, Any]:
-        if salt not in SESSION_TOKENS:
-            raise CwmError("no finished request with this salt", code="unknown_session")
+    def op_freeze(
+        self,
+        salt: str,
+        name: str,
+        overwrite: bool = False,
+        description: str = "",
+        tags: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        salt = self._salt(salt)
         if name in self.windows and not overwrite:
             raise CwmError(f"window {name!r} exists (pass overwrite)", code="window_exists")
-        return self._make(name, salt, None)
+        return self._make(name, salt, None, description, tags)
 
-    def op_thaw(self, name: str) -> dict[str, Any]:
+    def op_thaw(self, name: str, new_salt: str | None = None) -> dict[str, Any]:
         window = self._get(name)
-        token_ids = SESSION_TOKENS[window["salt"]]
-        return {**window, "token_ids": token_ids, "text": " ".join(map(str, token_ids))}
+        if new_salt is not None:
+            window = self._make(f"{name}.{new_salt}", new_salt, name)
+        token_ids = SESSION_TOKENS.get(window["salt"], SESSION_TOKENS["s1"])
+        text = " ".join(map(str, token_ids))
+        return {**window, "token_ids": token_ids, "text": text, "staged_blocks": 1}
 
-    def op_list(self) -> list[dict[str, Any]]:
+    def op_list(
+        self,
+        tags: Sequence[str] | None = None,
+        model: str | None = None,
+        session: str | None = None,
+        search: str | None = None,
+        sort_by: str = "name",
+        sort_order: str = "asc",
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
         return list(self.windows.values())
 
-    def op_status(self, name: str) -> dict[str, Any]:
-        return {**self._get(name), "complete": True, "damaged_blobs": 0}
+    def op_status(
+        self,
+        name: str | None = None,
+        session: str | None = None,
+        include_cache_stats: bool = False,
+        include_lineage: bool = True,
+    ) -> dict[str, Any]:
+        if (name is None) == (session is None):
+            raise CwmError("give exactly one of name or session", code="bad_request")
+        if session is not None:
+            salt = self._salt(session)
+            names = [w["name"] for w in self.windows.values() if w["salt"] == salt]
+            tokens = len(SESSION_TOKENS[salt])
+            return {"session": DIGESTS[salt], "tokens": tokens, "updated": 1.7e9, "windows": names}
+        window = self._get(name)
+        out = {**window, "complete": True, "damaged_blobs": 0, "resident_blocks": 1}
+        if include_lineage:
+            root, depth = name, 0
+            while self.windows[root]["parent"] is not None:
+                root, depth = self.windows[root]["parent"], depth + 1
+            out["lineage"] = {"parent": window["parent"], "root": root, "depth": depth}
+        if include_cache_stats:
+            out["cache_stats"] = self.op_stats()
+        return out
 
-    def op_clone(self, src: str, dst: str, salt: str | None = None) -> dict[str, Any]:
+    def op_clone(
+        self,
+        src: str,
+        dst: str,
+        salt: str | None = None,
+        description: str = "",
+        tags: Sequence[str] = (),
+    ) -> dict[str, Any]:
         window = self._get(src)
-        return self._make(dst, window["salt"] if salt is None else salt, src)
+        return self._make(dst, window["salt"] if salt is None else salt, src, description, tags)
 
     def op_delete(self, name: str) -> dict[str, Any]:
         self._get(name)
@@ -133,8 +227,125 @@ class FakeConnector:
             raise CwmError("file must be an absolute path", code="bad_request")
         return self._make(name or "imported", "s2", None)
 
+    def op_sessions(self, limit: int = 100, reveal: bool = False) -> list[dict[str, Any]]:
+        out = []
+        for salt in list(SESSION_TOKENS)[:limit]:
+            names = [w["name"] for w in self.windows.values() if w["salt"] == salt]
+            row = {"session": DIGESTS[salt], "tokens": len(SESSION_TOKENS[salt])}
+            row.update(updated=1.7e9, windows=names)
+            out.append({**row, "salt": salt} if reveal else row)
+        return out
+
     def op_stats(self) -> dict[str, Any]:
         return {"hits": 3, "store": {"windows": len(self.windows)}, "sessions": 2}
+
+    def op_prometheus(self) -> dict[str, Any]:
+        return {"text": PROMETHEUS_TEXT}
+
+    def op_health(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "components": {
+                "store": {"ok": True, "windows": len(self.windows)},
+                "disk": {"ok": True, "free_bytes": 10**9, "writable": True},
+                "redis": {"ok": True, "configured": False},
+                "control_socket": {"ok": True},
+            },
+        }
+
+    def op_auto_freeze_config(self, update: dict[str, Any] | None = None) -> dict[str, Any]:
+        unknown = set(update or {}) - set(self.policy)
+        if unknown:
+            raise CwmError(f"auto_freeze: unknown keys {sorted(unknown)}", code="bad_config")
+        self.policy.update(update or {})
+        return dict(self.policy)
+
+    def op_auto_freeze_check(
+        self, session: str, tokens: int | None = None, trigger: bool = False
+    ) -> dict[str, Any]:
+        salt = self._salt(session)
+        count = len(SESSION_TOKENS[salt]) if tokens is None else tokens
+        threshold = self.policy["threshold_tokens"] or None
+        would = bool(threshold) and count >= threshold
+        reason = "triggered" if trigger else ("at threshold" if would else "below the threshold")
+        window = None
+        if trigger:
+            window = self._make(f"auto-{DIGESTS[salt]}-1", salt, None, tags=["auto"])
+        return {
+            "session": DIGESTS[salt],
+            "tokens": count,
+            "threshold": threshold,
+            "would_freeze": would,
+            "reason": reason,
+            "window": window,
+        }
+
+
+class FakeVllm:
+    """A tiny stand-in for vLLM's OpenAI server: records every request, answers the four
+    routes cwm uses (/health, /v1/models, /tokenize, /v1/completions)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, Any]] = []
+        self.completion_status = 200
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def reply(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                fake.requests.append(("GET", self.path, None))
+                if self.path == "/health":
+                    self.reply(200, None)
+                elif self.path == "/v1/models":
+                    self.reply(200, {"object": "list", "data": [{"id": "tiny-llama"}]})
+                else:
+                    self.reply(404, {"error": {"message": "not found"}})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(("POST", self.path, body))
+                if self.path == "/tokenize":
+                    self.reply(200, {"tokens": [ord(c) for c in body["prompt"]], "count": 0})
+                elif self.path == "/v1/completions" and fake.completion_status != 200:
+                    error = {"message": "engine is sleeping", "code": fake.completion_status}
+                    self.reply(fake.completion_status, {"error": error})
+                elif self.path == "/v1/completions":
+                    choice = {
+                        "text": " next",
+                        "token_ids": [7, 8],
+                        "logprobs": {"token_logprobs": [-0.5, -0.25], "tokens": ["a", "b"]},
+                        "finish_reason": "length",
+                    }
+                    usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 2}
+                    self.reply(200, {"id": "c1", "choices": [choice], "usage": usage})
+                else:
+                    self.reply(404, {"error": {"message": "not found"}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def posts(self, path: str) -> list[Any]:
+        """Bodies of the POSTs to `path`, in order."""
+        return [body for method, p, body in self.requests if method == "POST" and p == path]
+
+    def __enter__(self) -> FakeVllm:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture
@@ -150,6 +361,18 @@ def connector() -> Iterator[tuple[Path, FakeConnector]]:
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def vllm() -> Iterator[FakeVllm]:
+    """A fake vLLM HTTP server on a loopback port."""
+    with FakeVllm() as fake:
+        yield fake
+
+
+def closed_url() -> str:
+    """A loopback URL nothing listens on (connection refused at once)."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def structured(result: CallToolResult) -> dict[str, Any]:
@@ -178,63 +401,438 @@ def run_async(fn: Any, *args: Any, timeout_s: float = 60.0) -> Any:
 # -- in-memory: every tool, annotations, error mapping ------------------------------
 
 
+def make_server(path: Path, vllm_url: str) -> Any:
+    """The MCP server bound to the fake connector's socket and a vLLM URL."""
+    return build_server(ControlClient(path, timeout_s=CALL_TIMEOUT_S), VllmApi(vllm_url))
+
+
+def in_memory(path: Path, vllm_url: str, body: Any) -> Any:
+    """Run `body(client)` against an in-memory MCP client of the server."""
+
+    async def wrapped() -> Any:
+        async with Client(make_server(path, vllm_url), read_timeout_seconds=CALL_TIMEOUT_S) as c:
+            return await body(c)
+
+    return run_async(wrapped)
+
+
 @pytest.mark.timeout(60)
-def test_in_memory_tools_cover_every_op(connector: tuple[Path, FakeConnector]) -> None:
+def test_tool_listing_schemas_and_annotations(connector: tuple[Path, FakeConnector]) -> None:
+    path, _ = connector
+
+    async def body(client: Client) -> dict[str, Any]:
+        return {tool.name: tool for tool in (await client.list_tools()).tools}
+
+    tools = in_memory(path, closed_url(), body)
+    assert set(tools) == TOOL_NAMES
+    for name, tool in tools.items():
+        assert tool.annotations is not None and tool.output_schema, name
+        assert (tool.annotations.read_only_hint is True) == (name in READ_ONLY_TOOLS), name
+        assert tool.description and "\n    " not in tool.description, name
+        for arg, schema in tool.input_schema.get("properties", {}).items():
+            assert schema.get("description"), f"{name}.{arg} has no description"
+    assert tools["window_delete"].annotations.destructive_hint is True
+    assert "cache_salt" in tools["window_freeze"].input_schema["properties"]["salt"]["description"]
+    assert "window_thaw" in (tools["window_freeze"].description or "")
+    assert "token_ids" in (tools["window_thaw"].description or "")
+    args = {name: list(tool.input_schema.get("properties", {})) for name, tool in tools.items()}
+    assert args["window_freeze"] == ["salt", "name", "overwrite", "description", "tags"]
+    assert args["window_thaw"] == ["name", "new_salt", "warm", "continuation", "max_tokens"]
+    assert args["window_list"] == [
+        "tags", "model", "session_id", "search", "sort_by", "sort_order", "limit", "offset"
+    ]  # fmt: skip
+    assert args["window_status"] == ["name", "session_id", "include_cache_stats", "include_lineage"]
+    assert args["window_clone"] == ["src", "dst", "salt", "description", "tags"]
+    assert args["session_list"] == ["limit", "reveal_salts"]
+    assert args["cwm_health"] == ["component"]
+    assert args["get_metrics_data"] == ["format"]
+    assert args["auto_freeze_check"] == ["session_id", "token_count", "trigger"]
+    assert set(args["auto_freeze_config"]) == set(FakeConnector().policy)
+
+
+@pytest.mark.timeout(60)
+def test_window_tools_forward_exact_args(connector: tuple[Path, FakeConnector]) -> None:
     path, fake = connector
-    server = build_server(ControlClient(path, timeout_s=CALL_TIMEOUT_S))
 
-    async def body() -> None:
-        async with Client(server, read_timeout_seconds=CALL_TIMEOUT_S) as client:
-            tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-            assert set(tools) == TOOL_NAMES
-            for name in ("window_list", "window_status", "cwm_stats"):
-                assert tools[name].annotations is not None
-                assert tools[name].annotations.read_only_hint is True, name
-            for name in TOOL_NAMES - {"window_list", "window_status", "cwm_stats"}:
-                assert tools[name].annotations.read_only_hint is not True, name
-            assert tools["window_delete"].annotations.destructive_hint is True
-            assert all(tool.output_schema for tool in tools.values())
-            salt_schema = tools["window_freeze"].input_schema["properties"]["salt"]
-            assert "cache_salt" in salt_schema["description"]
-            freeze_doc = tools["window_freeze"].description or ""
-            assert "window_thaw" in freeze_doc and "\n    " not in freeze_doc
-            assert "token_ids" in (tools["window_thaw"].description or "")
+    async def body(client: Client) -> dict[str, Any]:
+        out: dict[str, Any] = {}
 
-            args = {"salt": "s1", "name": "a"}
-            frozen = structured(await client.call_tool("window_freeze", args))
-            assert set(frozen) >= WINDOW_FIELDS and frozen["tokens"] == 5
-            clone = structured(
-                await client.call_tool("window_clone", {"src": "a", "dst": "b", "salt": "s2"})
-            )
-            assert (clone["name"], clone["parent"], clone["salt"]) == ("b", "a", "s2")
-            status = structured(await client.call_tool("window_status", {"name": "b"}))
-            assert (status["complete"], status["damaged_blobs"]) == (True, 0)
-            exported = structured(
-                await client.call_tool("window_export", {"name": "a", "file": "/tmp/a.cwm"})
-            )
-            assert exported == {"name": "a", "file": "/tmp/a.cwm", "bytes": 5000}
-            imported = structured(await client.call_tool("window_import", {"file": "/tmp/a.cwm"}))
-            assert imported["name"] == "imported"
-            deleted = structured(await client.call_tool("window_delete", {"name": "b"}))
-            assert deleted == {"name": "b", "deleted": True, "freed_blobs": 1, "freed_bytes": 1024}
-            stats = structured(await client.call_tool("cwm_stats", {}))
-            assert stats["store"] == {"windows": 2} and stats["hits"] == 3
+        async def call(key: str, tool: str, args: dict[str, Any]) -> None:
+            out[key] = await client.call_tool(tool, args)
 
-            again = await client.call_tool("window_freeze", args)
-            assert "window_exists: window 'a' exists" in error_text(again)
-            unknown = await client.call_tool("window_freeze", {"salt": "zz", "name": "c"})
-            assert "unknown_session:" in error_text(unknown)
+        await call("freeze", "window_freeze", {"salt": "s1", "name": "a"})
+        await call("freeze_labelled", "window_freeze", {
+            "salt": DIGESTS["s2"], "name": "b", "overwrite": True,
+            "description": "the plan", "tags": ["x", "y"],
+        })  # fmt: skip
+        await call("clone", "window_clone", {"src": "a", "dst": "c", "salt": "s2"})
+        await call("clone_labelled", "window_clone", {
+            "src": "c", "dst": "d", "description": "branch", "tags": ["x"],
+        })  # fmt: skip
+        await call("list", "window_list", {})
+        await call("list_filtered", "window_list", {
+            "tags": ["x"], "model": "tiny", "session_id": DIGESTS["s2"], "search": "plan",
+            "sort_by": "tokens", "sort_order": "desc", "limit": 5, "offset": 2,
+        })  # fmt: skip
+        await call("bad_sort", "window_list", {"sort_by": "size"})
+        await call("bad_limit", "window_list", {"limit": -1})
+        await call("export", "window_export", {"name": "a", "file": "/tmp/a.cwm"})
+        await call("import", "window_import", {"file": "/tmp/a.cwm"})
+        await call("delete", "window_delete", {"name": "d"})
+        await call("stats", "cwm_stats", {})
+        await call("exists", "window_freeze", {"salt": "s1", "name": "a"})
+        await call("unknown", "window_freeze", {"salt": "zz", "name": "z"})
+        await call("missing", "window_delete", {"name": "nope"})
+        return out
 
-    run_async(body)
-    # The tools forward their arguments under the op's own names, defaults included.
-    assert fake.calls[:4] == [
-        ("freeze", {"salt": "s1", "name": "a", "overwrite": False}),
-        ("clone", {"src": "a", "dst": "b", "salt": "s2"}),
-        ("status", {"name": "b"}),
+    calls_before = len(fake.calls)
+    out = in_memory(path, closed_url(), body)
+    frozen = structured(out["freeze"])
+    assert set(frozen) >= WINDOW_FIELDS and frozen["tokens"] == 5
+    assert (frozen["description"], frozen["tags"]) == ("", [])
+    labelled = structured(out["freeze_labelled"])
+    assert (labelled["salt"], labelled["description"], labelled["tags"]) == (
+        "s2", "the plan", ["x", "y"]
+    )  # fmt: skip
+    clone = structured(out["clone"])
+    assert (clone["name"], clone["parent"], clone["salt"]) == ("c", "a", "s2")
+    assert structured(out["clone_labelled"])["tags"] == ["x"]
+    listed = structured(out["list"])["result"]
+    assert [w["name"] for w in listed] == ["a", "b", "c", "d"]
+    assert all(set(w) >= WINDOW_FIELDS for w in listed)
+    assert len(structured(out["list_filtered"])["result"]) == 4  # the fake does not filter
+    assert "sort_by" in error_text(out["bad_sort"])
+    assert "limit" in error_text(out["bad_limit"])
+    assert structured(out["export"]) == {"name": "a", "file": "/tmp/a.cwm", "bytes": 5000}
+    assert structured(out["import"])["name"] == "imported"
+    deleted = structured(out["delete"])
+    assert deleted == {"name": "d", "deleted": True, "freed_blobs": 1, "freed_bytes": 1024}
+    stats = structured(out["stats"])
+    assert stats["hits"] == 3 and stats["store"] == {"windows": 4}
+    assert "window_exists: window 'a' exists" in error_text(out["exists"])
+    assert "unknown_session:" in error_text(out["unknown"])
+    assert "window_not_found: no window named 'nope'" in error_text(out["missing"])
+    # Arguments arrive under the op's own names, defaults included; invalid ones never leave.
+    list_defaults = {
+        "tags": None, "model": None, "session": None, "search": None,
+        "sort_by": "name", "sort_order": "asc", "limit": None, "offset": 0,
+    }  # fmt: skip
+    assert fake.calls[calls_before:] == [
+        ("freeze", {"salt": "s1", "name": "a", "overwrite": False, "description": "",
+                    "tags": []}),
+        ("freeze", {"salt": DIGESTS["s2"], "name": "b", "overwrite": True,
+                    "description": "the plan", "tags": ["x", "y"]}),
+        ("clone", {"src": "a", "dst": "c", "salt": "s2", "description": "", "tags": []}),
+        ("clone", {"src": "c", "dst": "d", "salt": None, "description": "branch",
+                   "tags": ["x"]}),
+        ("list", list_defaults),
+        ("list", {"tags": ["x"], "model": "tiny", "session": DIGESTS["s2"], "search": "plan",
+                  "sort_by": "tokens", "sort_order": "desc", "limit": 5, "offset": 2}),
         ("export", {"name": "a", "file": "/tmp/a.cwm"}),
+        ("import", {"file": "/tmp/a.cwm", "name": None}),
+        ("delete", {"name": "d"}),
+        ("stats", {}),
+        ("freeze", {"salt": "s1", "name": "a", "overwrite": False, "description": "",
+                    "tags": []}),
+        ("freeze", {"salt": "zz", "name": "z", "overwrite": False, "description": "",
+                    "tags": []}),
+        ("delete", {"name": "nope"}),
+    ]  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_window_status_of_a_window_or_a_session(connector: tuple[Path, FakeConnector]) -> None:
+    path, fake = connector
+    fake.op_freeze("s1", "a")
+    fake.op_clone("a", "b")
+    fake.calls.clear()
+
+    async def body(client: Client) -> dict[str, Any]:
+        return {
+            "window": await client.call_tool("window_status", {"name": "b"}),
+            "full": await client.call_tool(
+                "window_status",
+                {"name": "a", "include_cache_stats": True, "include_lineage": False},
+            ),
+            "session": await client.call_tool("window_status", {"session_id": DIGESTS["s1"]}),
+            "both": await client.call_tool("window_status", {"name": "a", "session_id": "s1"}),
+            "neither": await client.call_tool("window_status", {}),
+            "missing": await client.call_tool("window_status", {"name": "nope"}),
+        }
+
+    out = in_memory(path, closed_url(), body)
+    window = structured(out["window"])
+    assert window["kind"] == "window" and set(window) >= WINDOW_FIELDS
+    assert (window["name"], window["complete"], window["damaged_blobs"]) == ("b", True, 0)
+    assert window["resident_blocks"] == 1
+    assert window["lineage"] == {"parent": "a", "root": "a", "depth": 1}
+    assert window["cache_stats"] is None
+    full = structured(out["full"])
+    assert full["lineage"] is None and full["cache_stats"]["hits"] == 3
+    session = structured(out["session"])
+    assert session["kind"] == "session" and session["session"] == DIGESTS["s1"]
+    assert (session["tokens"], session["windows"], session["updated"]) == (5, ["a", "b"], 1.7e9)
+    assert session["name"] is None
+    for key in ("both", "neither"):
+        assert "bad_request: give exactly one of name or session_id" in error_text(out[key])
+    assert "window_not_found" in error_text(out["missing"])
+    assert fake.calls == [
+        ("status", {"name": "b", "session": None, "include_cache_stats": False,
+                    "include_lineage": True}),
+        ("status", {"name": "a", "session": None, "include_cache_stats": True,
+                    "include_lineage": False}),
+        ("status", {"name": None, "session": DIGESTS["s1"], "include_cache_stats": False,
+                    "include_lineage": True}),
+        ("status", {"name": "nope", "session": None, "include_cache_stats": False,
+                    "include_lineage": True}),
+    ]  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_sessions_metrics_and_auto_freeze(connector: tuple[Path, FakeConnector]) -> None:
+    path, fake = connector
+    fake.op_freeze("s2", "w")
+    fake.calls.clear()
+
+    async def body(client: Client) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        out["sessions"] = await client.call_tool("session_list", {})
+        out["revealed"] = await client.call_tool("session_list", {"limit": 1, "reveal_salts": True})
+        out["json"] = await client.call_tool("get_metrics_data", {})
+        out["prom"] = await client.call_tool("get_metrics_data", {"format": "prometheus"})
+        out["bad_format"] = await client.call_tool("get_metrics_data", {"format": "xml"})
+        out["policy"] = await client.call_tool("auto_freeze_config", {})
+        out["updated"] = await client.call_tool(
+            "auto_freeze_config",
+            {"enabled": True, "threshold_tokens": 4, "cooldown_s": 10, "tags": ["auto", "x"]},
+        )
+        out["bad_fraction"] = await client.call_tool(
+            "auto_freeze_config", {"threshold_fraction": 2}
+        )
+        out["check"] = await client.call_tool("auto_freeze_check", {"session_id": "s1"})
+        out["check_small"] = await client.call_tool(
+            "auto_freeze_check", {"session_id": DIGESTS["s1"], "token_count": 2}
+        )
+        out["trigger"] = await client.call_tool(
+            "auto_freeze_check", {"session_id": "s2", "trigger": True}
+        )
+        out["unknown"] = await client.call_tool("auto_freeze_check", {"session_id": "zz"})
+        return out
+
+    out = in_memory(path, closed_url(), body)
+    sessions = structured(out["sessions"])["result"]
+    assert [(s["session"], s["tokens"], s["windows"]) for s in sessions] == [
+        (DIGESTS["s1"], 5, []), (DIGESTS["s2"], 2, ["w"])
+    ]  # fmt: skip
+    assert all("salt" not in s for s in sessions)
+    assert structured(out["revealed"])["result"][0]["salt"] == "s1"
+    metrics = structured(out["json"])
+    assert metrics["format"] == "json" and metrics["metrics"]["hits"] == 3
+    assert metrics["text"] is None
+    prom = structured(out["prom"])
+    assert prom == {"format": "prometheus", "metrics": None, "text": PROMETHEUS_TEXT}
+    assert "format" in error_text(out["bad_format"])
+    assert structured(out["policy"]) == {**FakeConnector().policy}
+    updated = structured(out["updated"])
+    assert (updated["enabled"], updated["threshold_tokens"], updated["cooldown_s"]) == (
+        True, 4, 10.0
+    )  # fmt: skip
+    assert updated["tags"] == ["auto", "x"]
+    assert "threshold_fraction" in error_text(out["bad_fraction"])
+    check = structured(out["check"])
+    assert check == {
+        "session": DIGESTS["s1"], "tokens": 5, "threshold": 4, "would_freeze": True,
+        "reason": "at threshold", "window": None,
+    }  # fmt: skip
+    assert structured(out["check_small"])["would_freeze"] is False
+    triggered = structured(out["trigger"])
+    assert triggered["reason"] == "triggered" and triggered["window"]["tags"] == ["auto"]
+    assert triggered["window"]["name"] == f"auto-{DIGESTS['s2']}-1"
+    assert "unknown_session:" in error_text(out["unknown"])
+    assert fake.calls == [
+        ("sessions", {"limit": 100, "reveal": False}),
+        ("sessions", {"limit": 1, "reveal": True}),
+        ("stats", {}),
+        ("prometheus", {}),
+        ("auto_freeze_config", {"update": None}),
+        ("auto_freeze_config", {"update": {"enabled": True, "threshold_tokens": 4,
+                                           "cooldown_s": 10.0, "tags": ["auto", "x"]}}),
+        ("auto_freeze_check", {"session": "s1", "tokens": None, "trigger": False}),
+        ("auto_freeze_check", {"session": DIGESTS["s1"], "tokens": 2, "trigger": False}),
+        ("auto_freeze_check", {"session": "s2", "tokens": None, "trigger": True}),
+        ("auto_freeze_check", {"session": "zz", "tokens": None, "trigger": False}),
+    ]  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_health_adds_vllm_and_never_fails(
+    connector: tuple[Path, FakeConnector], vllm: FakeVllm
+) -> None:
+    path, fake = connector
+    down = closed_url()
+
+    async def body(client: Client) -> dict[str, Any]:
+        return {
+            "all": await client.call_tool("cwm_health", {}),
+            "disk": await client.call_tool("cwm_health", {"component": "disk"}),
+            "bogus": await client.call_tool("cwm_health", {"component": "gpu"}),
+        }
+
+    out = in_memory(path, vllm.url, body)
+    health = structured(out["all"])
+    assert health["ok"] is True
+    assert set(health["components"]) == {"store", "disk", "redis", "control_socket", "vllm"}
+    assert health["components"]["vllm"]["ok"] is True
+    assert health["components"]["vllm"]["url"] == vllm.url
+    assert health["components"]["redis"] == {"ok": True, "configured": False}
+    disk = structured(out["disk"])
+    assert disk == {"ok": True, "components": {"disk": {"ok": True, "free_bytes": 10**9,
+                                                       "writable": True}}}  # fmt: skip
+    assert "bad_request: unknown component 'gpu'" in error_text(out["bogus"])
+    assert ("GET", "/health", None) in vllm.requests
+    assert fake.calls == [("health", {})] * 3
+
+    async def vllm_down(client: Client) -> CallToolResult:
+        return await client.call_tool("cwm_health", {})
+
+    health = structured(in_memory(path, down, vllm_down))
+    assert health["ok"] is False and health["components"]["store"]["ok"] is True
+    assert health["components"]["vllm"]["ok"] is False and health["components"]["vllm"]["error"]
+
+    no_socket = path.parent / "none.sock"
+    health = structured(in_memory(no_socket, vllm.url, vllm_down))
+    assert health["ok"] is False
+    assert set(health["components"]) == {"control_socket", "vllm"}
+    control = health["components"]["control_socket"]
+    assert control["ok"] is False and control["error"]["code"] == "unavailable"
+    assert health["components"]["vllm"]["ok"] is True
+
+
+@pytest.mark.timeout(60)
+def test_thaw_warm_and_continuation_through_vllm(
+    connector: tuple[Path, FakeConnector], vllm: FakeVllm
+) -> None:
+    path, fake = connector
+    fake.op_freeze("s1", "a")
+    fake.calls.clear()
+
+    async def body(client: Client) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        out["plain"] = await client.call_tool("window_thaw", {"name": "a"})
+        out["warm"] = await client.call_tool("window_thaw", {"name": "a", "warm": True})
+        out["text"] = await client.call_tool(
+            "window_thaw", {"name": "a", "continuation": "Hi", "max_tokens": 2}
+        )
+        out["ids"] = await client.call_tool(
+            "window_thaw",
+            {"name": "a", "new_salt": "s9", "warm": True, "continuation": [5, 6]},
+        )
+        out["bad_max"] = await client.call_tool("window_thaw", {"name": "a", "max_tokens": 0})
+        out["missing"] = await client.call_tool("window_thaw", {"name": "nope", "warm": True})
+        return out
+
+    out = in_memory(path, vllm.url, body)
+    ids = SESSION_TOKENS["s1"]
+    plain = structured(out["plain"])
+    assert (plain["token_ids"], plain["text"], plain["staged_blocks"]) == (ids, "11 12 13 14 15", 1)
+    assert (plain["warmed"], plain["reply"]) == (False, None)
+    warm = structured(out["warm"])
+    assert (warm["warmed"], warm["reply"]) == (True, None)
+    text = structured(out["text"])
+    assert text["warmed"] is False
+    assert text["reply"] == {
+        "text": " next", "token_ids": [7, 8], "logprobs": [-0.5, -0.25],
+        "finish_reason": "length", "usage": {"prompt_tokens": 7, "completion_tokens": 2},
+    }  # fmt: skip
+    branched = structured(out["ids"])
+    assert (branched["name"], branched["salt"], branched["parent"]) == ("a.s9", "s9", "a")
+    assert branched["warmed"] is True and branched["reply"]["text"] == " next"
+    assert "max_tokens" in error_text(out["bad_max"])
+    assert "window_not_found" in error_text(out["missing"])
+    assert fake.calls == [
+        ("thaw", {"name": "a", "new_salt": None}),
+        ("thaw", {"name": "a", "new_salt": None}),
+        ("thaw", {"name": "a", "new_salt": None}),
+        ("thaw", {"name": "a", "new_salt": "s9"}),
+        ("thaw", {"name": "nope", "new_salt": None}),
     ]
-    assert ("import", {"file": "/tmp/a.cwm", "name": None}) in fake.calls
-    assert set(fake.windows) == {"a", "imported"}
+    # Exactly what reached vLLM: the warm prompt alone, then prefix + continuation ids.
+    assert vllm.posts("/tokenize") == [
+        {"model": "tiny-llama", "prompt": "Hi", "add_special_tokens": False}
+    ]
+    continued = {"max_tokens": 2, "temperature": 0.0, "logprobs": 1, "return_token_ids": True}
+    assert vllm.posts("/v1/completions") == [
+        {"model": "tiny-llama", "prompt": ids, "max_tokens": 1, "cache_salt": "s1"},
+        {"model": "tiny-llama", "prompt": [*ids, ord("H"), ord("i")], "cache_salt": "s1",
+         **continued},
+        {"model": "tiny-llama", "prompt": ids, "max_tokens": 1, "cache_salt": "s9"},
+        {"model": "tiny-llama", "prompt": [*ids, 5, 6], "cache_salt": "s9",
+         **continued, "max_tokens": 64},
+    ]  # fmt: skip
+    models = [r for r in vllm.requests if r[:2] == ("GET", "/v1/models")]
+    assert len(models) == 3  # once per thaw that talks to vLLM
+
+
+@pytest.mark.timeout(60)
+def test_thaw_vllm_errors_are_tool_errors(
+    connector: tuple[Path, FakeConnector], vllm: FakeVllm
+) -> None:
+    path, fake = connector
+    fake.op_freeze("s1", "a")
+    vllm.completion_status = 503
+
+    async def body(client: Client) -> str:
+        return error_text(await client.call_tool("window_thaw", {"name": "a", "warm": True}))
+
+    text = in_memory(path, vllm.url, body)
+    assert "vllm_unavailable: window 'a' is thawed (salt 's1') but POST " in text
+    assert "HTTP 503: engine is sleeping" in text and "retryable" in text
+    text = in_memory(path, closed_url(), body)
+    assert "vllm_unavailable: window 'a' is thawed" in text and "/v1/models" in text
+
+
+@pytest.mark.timeout(60)
+def test_resources_are_json_views(connector: tuple[Path, FakeConnector], vllm: FakeVllm) -> None:
+    path, fake = connector
+    fake.op_freeze("s1", "a", tags=["x"])
+    fake.calls.clear()
+
+    async def body(client: Client) -> dict[str, Any]:
+        listed = (await client.list_resources()).resources
+        out: dict[str, Any] = {"listed": {str(r.uri): r for r in listed}}
+        for uri in sorted(RESOURCES):
+            contents = (await client.read_resource(uri)).contents
+            assert len(contents) == 1 and contents[0].mime_type == "application/json"
+            out[uri] = json.loads(contents[0].text)
+        return out
+
+    out = in_memory(path, vllm.url, body)
+    assert set(out["listed"]) == RESOURCES
+    assert all(r.description for r in out["listed"].values())
+    assert [(w["name"], w["tags"]) for w in out["windows://list"]] == [("a", ["x"])]
+    assert [s["session"] for s in out["sessions://list"]] == [DIGESTS["s1"], DIGESTS["s2"]]
+    assert all("salt" not in s for s in out["sessions://list"])
+    assert out["stats://cache"] == {"hits": 3, "store": {"windows": 1}, "sessions": 2}
+    assert out["health://status"]["ok"] is True
+    assert out["health://status"]["components"]["vllm"]["ok"] is True
+    assert sorted(op for op, _ in fake.calls) == ["health", "list", "sessions", "stats"]
+    assert ("sessions", {"limit": 100, "reveal": False}) in fake.calls
+
+
+@pytest.mark.timeout(60)
+def test_resource_errors_name_the_code() -> None:
+    missing = Path(tempfile.mkdtemp(prefix="cwm-mcp-", dir="/tmp"))
+
+    async def body(client: Client) -> str:
+        with pytest.raises(MCPError) as caught:
+            await client.read_resource("windows://list")
+        return str(caught.value)
+
+    try:
+        text = in_memory(missing / "none.sock", closed_url(), body)
+    finally:
+        shutil.rmtree(missing, ignore_errors=True)
+    assert "windows://list: unavailable: no cwm connector listens on" in text
 
 
 @pytest.mark.timeout(60)
@@ -258,10 +856,14 @@ def test_no_connector_is_a_retryable_tool_error() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_stdio_subprocess(connector: tuple[Path, FakeConnector], tmp_path: Path) -> None:
+def test_stdio_subprocess(
+    connector: tuple[Path, FakeConnector], vllm: FakeVllm, tmp_path: Path
+) -> None:
     path, fake = connector
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "cwm_mcp", "--socket", str(path)], cwd=REPO_ROOT
+        command=sys.executable,
+        args=["-m", "cwm_mcp", "--socket", str(path), "--vllm-url", vllm.url],
+        cwd=REPO_ROOT,
     )
     errlog_path = tmp_path / "stderr.log"
 
@@ -272,11 +874,16 @@ def test_stdio_subprocess(connector: tuple[Path, FakeConnector], tmp_path: Path)
             async with Client(transport, read_timeout_seconds=CALL_TIMEOUT_S) as client:
                 out["tools"] = {tool.name for tool in (await client.list_tools()).tools}
                 out["freeze"] = await client.call_tool(
-                    "window_freeze", {"salt": "s1", "name": "w1"}
+                    "window_freeze", {"salt": "s1", "name": "w1", "tags": ["t"]}
                 )
-                out["list"] = await client.call_tool("window_list", {})
-                out["thaw"] = await client.call_tool("window_thaw", {"name": "w1"})
+                out["list"] = await client.call_tool("window_list", {"tags": ["t"]})
+                out["thaw"] = await client.call_tool(
+                    "window_thaw", {"name": "w1", "continuation": [9]}
+                )
                 out["missing"] = await client.call_tool("window_status", {"name": "nope"})
+                out["health"] = await client.call_tool("cwm_health", {"component": "vllm"})
+                sessions = await client.read_resource("sessions://list")
+                out["sessions"] = json.loads(sessions.contents[0].text)
         return out
 
     try:
@@ -287,14 +894,21 @@ def test_stdio_subprocess(connector: tuple[Path, FakeConnector], tmp_path: Path)
     assert out["tools"] == TOOL_NAMES
     frozen = structured(out["freeze"])
     assert set(frozen) >= WINDOW_FIELDS
-    assert (frozen["name"], frozen["salt"], frozen["tokens"]) == ("w1", "s1", 5)
+    assert (frozen["name"], frozen["salt"], frozen["tokens"], frozen["tags"]) == (
+        "w1", "s1", 5, ["t"]
+    )  # fmt: skip
     listed = structured(out["list"])["result"]
     assert [w["name"] for w in listed] == ["w1"] and listed[0]["tiers"] == ["disk"]
     thawed = structured(out["thaw"])
     assert thawed["token_ids"] == SESSION_TOKENS["s1"]
     assert thawed["text"] == "11 12 13 14 15" and thawed["salt"] == "s1"
+    assert thawed["reply"]["token_ids"] == [7, 8]
+    assert vllm.posts("/v1/completions")[0]["prompt"] == [*SESSION_TOKENS["s1"], 9]
     assert "window_not_found: no window named 'nope'" in error_text(out["missing"])
-    assert ("freeze", {"salt": "s1", "name": "w1", "overwrite": False}) in fake.calls
+    assert structured(out["health"])["components"]["vllm"]["url"] == vllm.url
+    assert [s["session"] for s in out["sessions"]] == [DIGESTS["s1"], DIGESTS["s2"]]
+    assert ("freeze", {"salt": "s1", "name": "w1", "overwrite": False, "description": "",
+                       "tags": ["t"]}) in fake.calls  # fmt: skip
 
 
 # -- streamable HTTP: `python -m cwm_mcp --http PORT` as a subprocess -----------------
@@ -362,6 +976,6 @@ def test_streamable_http_subprocess(connector: tuple[Path, FakeConnector], tmp_p
     stop_process(proc)
     listed = structured(result)["result"]
     assert [(w["name"], w["salt"], w["tokens"]) for w in listed] == [("w2", "s2", 2)]
-    assert ("list", {}) in fake.calls
+    assert [op for op, _ in fake.calls] == ["list"]
     assert proc.returncode is not None
     assert f"http://127.0.0.1:{port}/mcp" in log_path.read_text(errors="replace")
