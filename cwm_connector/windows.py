@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from cwm_connector.blob import digest as blob_digest
 from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.fingerprint import canonical_json, differing_fields
@@ -31,8 +28,16 @@ from cwm_connector.store import TieredStore
 from cwm_connector.tier_disk import DiskTier
 from cwm_connector.tier_memory import MemoryTier
 from cwm_connector.window_admin import AdminOps
-from cwm_connector.window_io import EXPORT_FORMAT, read_export
+from cwm_connector.window_args import (
+    Progress,
+    WindowError,
+    no_progress,
+    tags_arg,
+    text_arg,
+    validate_name,
+)
 from cwm_connector.window_query import WindowQuery
+from cwm_connector.window_transfer import TransferOps
 from cwm_connector.worker_channel import ThawStager
 
 if TYPE_CHECKING:
@@ -40,36 +45,10 @@ if TYPE_CHECKING:
     from cwm_connector.window_share import SharedWindows
 
 logger = logging.getLogger("vllm.cwm.windows")
-Progress = Callable[[int, int], None]
-
-
-def _no_progress(done: int, total: int) -> None:
-    """The progress callback when nobody asked for progress."""
-
-
-TAG_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FREEZE_POLL_S = 0.05
 
 
-class WindowError(CwmError):
-    """A window operation that cannot be done as asked."""
-
-    code = "bad_request"
-
-
-def validate_name(name: object) -> str:
-    """A window name: 1-128 of [A-Za-z0-9._-], not starting with a dot or dash."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise WindowError(
-            f"invalid window name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit",
-            code="bad_name",
-        )
-    return name
-
-
-class WindowService(AdminOps):
+class WindowService(AdminOps, TransferOps):
     """Implements the window ops against the catalog, the disk tier and the sessions table."""
 
     def __init__(
@@ -127,7 +106,7 @@ class WindowService(AdminOps):
         if any(key.startswith("_") for key in args):
             raise WindowError(f"bad arguments for {op}: names starting with '_' are reserved")
         if op in PROGRESS_OPS:
-            args = {**args, "_progress": progress or _no_progress}
+            args = {**args, "_progress": progress or no_progress}
         started = time.monotonic()
         try:
             result = handler(self, **args)
@@ -151,10 +130,10 @@ class WindowService(AdminOps):
         overwrite: bool = False,
         description: str = "",
         tags: Sequence[str] | None = None,
-        _progress: Progress = _no_progress,
+        _progress: Progress = no_progress,
     ) -> dict[str, Any]:
         name = validate_name(name)
-        session = self.sessions.get(_text(salt, "salt"))
+        session = self.sessions.get(text_arg(salt, "salt"))
         if session is None:
             raise WindowError(
                 "no finished request with this salt since vLLM started: send the session's "
@@ -172,7 +151,7 @@ class WindowService(AdminOps):
 
     def thaw(self, name: str, new_salt: str | None = None) -> dict[str, Any]:
         if new_salt is not None:  # thaw under another salt: a zero-copy clone first
-            name = self._clone_for_salt(name, _text(new_salt, "new_salt"))
+            name = self._clone_for_salt(name, text_arg(new_salt, "new_salt"))
         row, blocks = self._load(name)
         self._check_fingerprint(name, row)
         stored = self.catalog.digests_for_engine(self.engine_fp_id, [h for h, _ in blocks])
@@ -238,7 +217,7 @@ class WindowService(AdminOps):
         if (name is None) == (session is None):
             raise WindowError("status takes exactly one of name or session")
         if session is not None:
-            return self.session_status(_text(session, "session"))
+            return self.session_status(text_arg(session, "session"))
         _, blocks = self._load(str(name))
         bad = self._verify_blobs([d for _, d in blocks])
         resident = None if self.channels is None else self.channels.resident([h for h, _ in blocks])
@@ -279,7 +258,7 @@ class WindowService(AdminOps):
         dst = validate_name(dst)
         self._check_fingerprint(src, row)
         token_ids = msgpack.unpackb(row["token_ids"])
-        new_salt = str(row["salt"]) if salt is None else _text(salt, "salt")
+        new_salt = str(row["salt"]) if salt is None else text_arg(salt, "salt")
         block_rows: list[tuple[str, bytes, bytes]] = []
         if new_salt != row["salt"]:
             # Re-key the same blobs under the new salt's hash chain: no tensor copy.
@@ -322,73 +301,6 @@ class WindowService(AdminOps):
             "sessions": len(self.sessions.summary()),
         }
 
-    def export(self, name: str, file: str, _progress: Progress = _no_progress) -> dict[str, Any]:
-        import numpy as np
-        from safetensors.numpy import save_file
-
-        row, blocks = self._load(name)
-        path = _user_path(file)
-        sizes = self.catalog.blob_sizes([d for _, d in blocks])
-        raw_len = sizes[blocks[0][1]][0] if blocks else 0
-        data = np.empty((len(blocks), raw_len), dtype=np.uint8)
-        for i, (_, dig) in enumerate(blocks):
-            self.store.read_into(dig, [memoryview(data[i])])
-            _progress(i + 1, len(blocks))
-        manifest = {
-            "format": EXPORT_FORMAT,
-            "name": name,
-            "salt": row["salt"],
-            "token_ids": msgpack.unpackb(row["token_ids"]),
-            "block_size": self.block_size,
-            "hash_algo": self.hash_algo,
-            "block_hashes": [h.hex() for h, _ in blocks],
-            "digests": [d.hex() for _, d in blocks],
-            "fingerprint": json.loads(str(row["fingerprint"])),
-        }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"blocks": data}, str(tmp), metadata={"cwm": json.dumps(manifest)})
-        os.replace(tmp, path)
-        return {"name": name, "file": str(path), "bytes": path.stat().st_size}
-
-    def import_(
-        self, file: str, name: str | None = None, _progress: Progress = _no_progress
-    ) -> dict[str, Any]:
-        manifest, data = read_export(_user_path(file, must_exist=True))
-        name = validate_name(name if name is not None else manifest["name"])
-        diff = differing_fields(manifest["fingerprint"], self.engine_fp)
-        if diff:
-            raise WindowError(
-                f"window was exported from another engine; differing fields: {', '.join(diff)}",
-                code="fingerprint_mismatch",
-            )
-        token_ids = manifest["token_ids"]
-        expected = block_hash_chain(token_ids, self.block_size, manifest["salt"], self.hash_algo)
-        hashes = [bytes.fromhex(h) for h in manifest["block_hashes"]]
-        if hashes != expected[: len(hashes)] or len(hashes) != data.shape[0]:
-            raise WindowError(
-                "import refused: the block hashes do not belong to the window's tokens and salt",
-                code="bad_import",
-            )
-        digests = [bytes.fromhex(d) for d in manifest["digests"]]
-        blob_rows = []
-        for i, dig in enumerate(digests):
-            if blob_digest(data[i]) != dig:
-                raise WindowError(
-                    f"import refused: block {i} does not match its digest", code="bad_import"
-                )
-            _progress(i + 1, 2 * len(digests))  # verify, then write: two halves of the bar
-        for i, dig in enumerate(digests):
-            if not self.disk.contains(dig):
-                stored = self.disk.put(dig, [memoryview(data[i])])
-                blob_rows.append((dig, data.shape[1], stored, "none"))
-            _progress(len(digests) + i + 1, 2 * len(digests))
-        fps = self.catalog.engine_fp_ids(self.engine_fp_id)
-        block_rows = [(fp, h, d) for fp in fps for h, d in zip(hashes, digests, strict=True)]
-        row = self._row(name, manifest["salt"], token_ids, parent=None)
-        blocks = list(zip(hashes, digests, strict=True))
-        self._insert(row, blocks, block_rows=block_rows, blob_rows=blob_rows)
-        return self._describe(name)
-
     # -- helpers -------------------------------------------------------------
     def _row(
         self,
@@ -400,8 +312,8 @@ class WindowService(AdminOps):
         tags: Sequence[str] | None = None,
     ) -> dict[str, object]:
         return {
-            "description": _text(description, "description", allow_empty=True),
-            "tags": json.dumps(_tags(tags)),
+            "description": text_arg(description, "description", allow_empty=True),
+            "tags": json.dumps(tags_arg(tags)),
             "name": name,
             "salt": salt,
             "engine_fp": self.engine_fp_id,
@@ -529,40 +441,6 @@ class WindowService(AdminOps):
             except (BlobCorruptError, BlobMissingError, CwmError):
                 bad.append(dig)
         return bad
-
-
-def _text(value: object, what: str, allow_empty: bool = False) -> str:
-    if not isinstance(value, str) or "\x00" in value or len(value) > 4096:
-        raise WindowError(f"{what} must be a string without NUL, at most 4096 characters")
-    if not value and not allow_empty:
-        raise WindowError(f"{what} must be a non-empty string")
-    return value
-
-
-def _tags(tags: object) -> list[str]:
-    if tags is None:
-        return []
-    if isinstance(tags, str):
-        tags = [tags]
-    if not isinstance(tags, list | tuple) or len(tags) > 64:
-        raise WindowError("tags must be a list of at most 64 strings")
-    out = []
-    for tag in tags:
-        if not isinstance(tag, str) or not TAG_PATTERN.fullmatch(tag):
-            raise WindowError(f"invalid tag {tag!r}: use 1-64 of [A-Za-z0-9._:-]", code="bad_tag")
-        out.append(tag)
-    return sorted(set(out))
-
-
-def _user_path(file: object, must_exist: bool = False) -> Path:
-    if not isinstance(file, str) or not file or "\x00" in file:
-        raise WindowError("file must be a path")
-    path = Path(file).expanduser()
-    if not path.is_absolute():
-        raise WindowError("file must be an absolute path (the server resolves it)")
-    if must_exist and not path.is_file():
-        raise WindowError(f"no such file: {path}", code="not_found")
-    return path
 
 
 PROGRESS_OPS = frozenset({"freeze", "export", "import"})

@@ -8,11 +8,8 @@ and health talk to its FakeVllm HTTP server.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,6 @@ from test_mcp_server import (
 )
 
 from cwm_connector import cli
-from cwm_connector.control import ControlServer
 
 LIST_DEFAULTS = {
     "tags": None,
@@ -43,26 +39,11 @@ LIST_DEFAULTS = {
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[Path, FakeConnector]]:
-    """A ControlServer with a FakeConnector holding window 'w' (salt s1)."""
-    tmp = Path(tempfile.mkdtemp(prefix="cwm-cli-", dir="/tmp"))
-    path = tmp / "c.sock"
-    fake = FakeConnector()
+def served(connector: tuple[Path, FakeConnector]) -> tuple[Path, FakeConnector]:
+    """The connector fixture holding window 'w' (salt s1)."""
+    path, fake = connector
     fake.op_freeze("s1", "w")
-    server = ControlServer(path, fake.handle)
-    server.start()
-    try:
-        yield path, fake
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture
-def vllm() -> Iterator[FakeVllm]:
-    """A fake vLLM HTTP server on a loopback port."""
-    with FakeVllm() as fake:
-        yield fake
+    return path, fake
 
 
 def run_cli(

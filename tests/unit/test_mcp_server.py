@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CallToolResult
 
 from cwm_connector.client import ControlClient
-from cwm_connector.control import ControlServer
 from cwm_connector.errors import CwmError
 from cwm_mcp.server import build_server
 from cwm_mcp.vllm_api import VllmApi
@@ -346,28 +345,6 @@ class FakeVllm:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def connector() -> Iterator[tuple[Path, FakeConnector]]:
-    """A live ControlServer on a short /tmp socket path, served by a FakeConnector."""
-    tmp = Path(tempfile.mkdtemp(prefix="cwm-mcp-", dir="/tmp"))
-    path = tmp / "c.sock"
-    fake = FakeConnector()
-    server = ControlServer(path, fake.handle)
-    server.start()
-    try:
-        yield path, fake
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture
-def vllm() -> Iterator[FakeVllm]:
-    """A fake vLLM HTTP server on a loopback port."""
-    with FakeVllm() as fake:
-        yield fake
 
 
 def closed_url() -> str:
