@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -17,6 +18,8 @@ class Stats:
 
     def __init__(self, path: Path | None):
         self._path = path
+        if path is not None:
+            clean_stale_tmp(path)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._seq = self._written_seq = 0
@@ -60,13 +63,41 @@ class Stats:
             if self._written_seq > seq:
                 return  # a newer snapshot is already on disk
             self._written_seq = seq
+            tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
             try:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(data)
                 os.replace(tmp, self._path)
-            except OSError:
-                pass  # stats are best effort
+            except OSError:  # stats are best effort; a full disk must not keep a partial file
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+
+
+def clean_stale_tmp(path: Path) -> int:
+    """Remove temp files of this counter file left by processes that died mid-write."""
+    removed = 0
+    try:
+        entries = list(path.parent.glob(f"{path.stem}.*.tmp"))
+    except OSError:
+        return 0
+    for entry in entries:
+        pid_text = entry.name[len(path.stem) + 1 : -len(".tmp")]
+        if pid_text.isdigit() and _pid_alive(int(pid_text)):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def read_stats(store_dir: Path, name: str = "worker-rank0") -> dict[str, int]:

@@ -6,7 +6,9 @@ Layout under `<store_dir>`:
     quarantine/<digest hex>.blob    blobs that failed verification, kept for inspection
 
 A blob is written to tmp/, fsynced, then renamed into place: a reader sees a
-whole blob or none. Read errors are misses, never crashes.
+whole blob or none. Read errors are misses, never crashes. A write that fails
+(disk full, read-only) removes its temp file; temp files of processes killed
+mid-write are removed at start (`clean_orphan_tmp`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from cwm_connector import blob
 from cwm_connector.blob import Buffer
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, StoreError
+
+ORPHAN_TMP_AGE_S = 3600.0  # no write takes this long: older temp files are orphans whatever
+# their pid (pids are reused across restarts in containers)
 
 
 class DiskTier:
@@ -31,7 +37,9 @@ class DiskTier:
         self.tmp_dir = root / "tmp"
         self.quarantine_dir = root / "quarantine"
         for folder in (self.blob_dir, self.tmp_dir, self.quarantine_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            # An unwritable store must not stop vLLM: writes fail later, as misses.
+            with contextlib.suppress(OSError):
+                folder.mkdir(parents=True, exist_ok=True)
         self._blob_root = str(self.blob_dir)
 
     def path_for(self, digest: bytes) -> Path:
@@ -120,14 +128,43 @@ class DiskTier:
         """Remove a blob file if present."""
         self.path_for(digest).unlink(missing_ok=True)
 
+    def check(self, digest: bytes) -> str | None:
+        """A cheap start-up check of one blob file (header and length, not the digest).
+
+        Returns None when it looks whole, "missing", or "corrupt".
+        """
+        try:
+            with open(self._path_str(digest), "rb") as fh:
+                header = blob.parse_header(fh.read(blob.HEADER_SIZE))
+                size = os.fstat(fh.fileno()).st_size
+        except FileNotFoundError:
+            return "missing"
+        except BlobCorruptError:
+            return "corrupt"
+        except OSError:
+            return None  # unreadable now is not proof of damage; a load re-checks
+        if header.digest != digest or size != blob.HEADER_SIZE + header.payload_len:
+            return "corrupt"
+        return None
+
     def clean_orphan_tmp(self) -> int:
-        """Remove temp files left by processes that no longer run; return how many."""
+        """Remove temp files of writers that no longer run (or are too old); return how many."""
         removed = 0
-        for entry in self.tmp_dir.glob("*.tmp"):
+        now = time.time()
+        try:
+            entries = list(self.tmp_dir.glob("*.tmp"))
+        except OSError:
+            return 0
+        for entry in entries:
             pid_text = entry.name.split("-", 1)[0]
-            if pid_text.isdigit() and _pid_alive(int(pid_text)) and int(pid_text) != 0:
-                continue
-            entry.unlink(missing_ok=True)
+            try:
+                old = now - entry.stat().st_mtime > ORPHAN_TMP_AGE_S
+                live = pid_text.isdigit() and int(pid_text) != 0 and _pid_alive(int(pid_text))
+                if live and not old:
+                    continue
+                entry.unlink(missing_ok=True)
+            except OSError:
+                continue  # a read-only store keeps them until it is writable again
             removed += 1
         return removed
 

@@ -8,8 +8,11 @@ verifies every block's digest before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -18,7 +21,7 @@ from cwm_connector.blob import digest as blob_digest
 from cwm_connector.fingerprint import differing_fields
 from cwm_connector.hash_chain import block_hash_chain
 from cwm_connector.window_args import Progress, WindowError, no_progress, user_path, validate_name
-from cwm_connector.window_io import EXPORT_FORMAT, read_export
+from cwm_connector.window_io import EXPORT_FORMAT, ExportFile, open_export
 
 if TYPE_CHECKING:
     from cwm_connector.catalog import Catalog
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 class TransferOps:
     """export and import."""
 
+    store_dir: Path
     block_size: int
     hash_algo: str
     engine_fp: dict[str, Any]
@@ -56,7 +60,7 @@ class TransferOps:
         from safetensors.numpy import save_file
 
         row, blocks = self._load(name)
-        path = user_path(file)
+        path = self._export_path(file)
         sizes = self.catalog.blob_sizes([d for _, d in blocks])
         raw_len = sizes[blocks[0][1]][0] if blocks else 0
         data = np.empty((len(blocks), raw_len), dtype=np.uint8)
@@ -74,15 +78,43 @@ class TransferOps:
             "digests": [d.hex() for _, d in blocks],
             "fingerprint": json.loads(str(row["fingerprint"])),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"blocks": data}, str(tmp), metadata={"cwm": json.dumps(manifest)})
-        os.replace(tmp, path)
+        # A fresh name made with O_EXCL: a link planted at a guessable temp name in a shared
+        # folder is never followed. The final rename replaces a link, never writes through it.
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp",
+                                            dir=path.parent)  # fmt: skip
+        except OSError as exc:
+            raise WindowError(f"cannot write {path}: {exc}", code="bad_path") from exc
+        os.close(fd)
+        try:
+            save_file({"blocks": data}, tmp_name, metadata={"cwm": json.dumps(manifest)})
+            os.replace(tmp_name, path)
+        except OSError as exc:
+            raise WindowError(f"cannot write {path}: {exc}", code="bad_path") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
         return {"name": name, "file": str(path), "bytes": path.stat().st_size}
+
+    def _export_path(self, file: object) -> Path:
+        """An absolute target outside the store (an export must never replace store files)."""
+        path = user_path(file)
+        resolved = path.parent.resolve() / path.name
+        if resolved.is_relative_to(self.store_dir.resolve()):
+            raise WindowError(f"refusing to export into the store: {path}", code="bad_path")
+        if resolved.is_dir():
+            raise WindowError(f"{path} is a directory", code="bad_path")
+        return resolved
 
     def import_(
         self, file: str, name: str | None = None, _progress: Progress = no_progress
     ) -> dict[str, Any]:
-        manifest, data = read_export(user_path(file, must_exist=True))
+        with open_export(user_path(file, must_exist=True)) as export:
+            return self._import(export, name, _progress)
+
+    def _import(self, export: ExportFile, name: str | None, progress: Progress) -> dict[str, Any]:
+        """Check everything, then write the blobs, then the rows; a refusal writes nothing."""
+        manifest = export.manifest
         name = validate_name(name if name is not None else manifest["name"])
         diff = differing_fields(manifest["fingerprint"], self.engine_fp)
         if diff:
@@ -93,27 +125,43 @@ class TransferOps:
         token_ids = manifest["token_ids"]
         expected = block_hash_chain(token_ids, self.block_size, manifest["salt"], self.hash_algo)
         hashes = [bytes.fromhex(h) for h in manifest["block_hashes"]]
-        if hashes != expected[: len(hashes)] or len(hashes) != data.shape[0]:
+        if hashes != expected[: len(hashes)] or len(hashes) != export.num_blocks:
             raise WindowError(
                 "import refused: the block hashes do not belong to the window's tokens and salt",
                 code="bad_import",
             )
         digests = [bytes.fromhex(d) for d in manifest["digests"]]
-        blob_rows = []
+        total = 2 * len(digests)  # verify, then write: two halves of the bar
         for i, dig in enumerate(digests):
-            if blob_digest(data[i]) != dig:
-                raise WindowError(
-                    f"import refused: block {i} does not match its digest", code="bad_import"
-                )
-            _progress(i + 1, 2 * len(digests))  # verify, then write: two halves of the bar
-        for i, dig in enumerate(digests):
-            if not self.disk.contains(dig):
-                stored = self.disk.put(dig, [memoryview(data[i])])
-                blob_rows.append((dig, data.shape[1], stored, "none"))
-            _progress(len(digests) + i + 1, 2 * len(digests))
-        fps = self.catalog.engine_fp_ids(self.engine_fp_id)
-        block_rows = [(fp, h, d) for fp in fps for h, d in zip(hashes, digests, strict=True)]
-        row = self._row(name, manifest["salt"], token_ids, parent=None)
-        blocks = list(zip(hashes, digests, strict=True))
-        self._insert(row, blocks, block_rows=block_rows, blob_rows=blob_rows)
+            _verified_row(export, i, dig)
+            progress(i + 1, total)
+        blob_rows: list[tuple[bytes, int, int, str]] = []
+        written: list[bytes] = []
+        try:
+            for i, dig in enumerate(digests):
+                if not self.disk.contains(dig):
+                    # Read again and verify again: the file may have changed since.
+                    stored = self.disk.put(dig, [_verified_row(export, i, dig)])
+                    written.append(dig)
+                    blob_rows.append((dig, export.block_bytes, stored, "none"))
+                progress(len(digests) + i + 1, total)
+            fps = self.catalog.engine_fp_ids(self.engine_fp_id)
+            block_rows = [(fp, h, d) for fp in fps for h, d in zip(hashes, digests, strict=True)]
+            row = self._row(name, manifest["salt"], token_ids, parent=None)
+            blocks = list(zip(hashes, digests, strict=True))
+            self._insert(row, blocks, block_rows=block_rows, blob_rows=blob_rows)
+        except BaseException:
+            for dig in written:  # never leave files of a refused import (unless now in use)
+                if not self.catalog.has_blob(dig):
+                    self.disk.delete(dig)
+            raise
         return self._describe(name)
+
+
+def _verified_row(export: ExportFile, index: int, dig: bytes) -> bytes:
+    """Block `index` of the file, refused unless it matches its digest."""
+    data = export.row(index)
+    if blob_digest(data) != dig:
+        raise WindowError(f"import refused: block {index} does not match its digest",
+                          code="bad_import")  # fmt: skip
+    return data

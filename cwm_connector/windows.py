@@ -218,17 +218,18 @@ class WindowService(AdminOps, TransferOps):
             raise WindowError("status takes exactly one of name or session")
         if session is not None:
             return self.session_status(text_arg(session, "session"))
-        _, blocks = self._load(str(name))
+        name = validate_name(name)  # never str() a hostile value into a valid name
+        _, blocks = self._load(name)
         bad = self._verify_blobs([d for _, d in blocks])
         resident = None if self.channels is None else self.channels.resident([h for h, _ in blocks])
         out = {
-            **self._describe(str(name), resident=resident or 0),
+            **self._describe(name, resident=resident or 0),
             "complete": not bad,
             "damaged_blobs": len(bad),
             "resident_blocks": resident,
         }
         if include_lineage:
-            out["lineage"] = self.lineage(str(name))
+            out["lineage"] = self.lineage(name)
         if include_cache_stats:
             out["cache_stats"] = self._stats()
         return out
@@ -284,7 +285,11 @@ class WindowService(AdminOps, TransferOps):
         validate_name(name)
         with self._write_lock:
             sizes_before = self.catalog.totals()["stored_bytes"]
-            orphans = self.catalog.delete_window(name)
+            # A live session's latest blocks stay: its next freeze needs them, and capture
+            # never writes a block again once the store held it (found by benchmarks/soak.py).
+            live = [h for state in self.sessions.states() for h in state.block_hashes]
+            keep = set(self.catalog.digests_for_engine(self.engine_fp_id, live).values())
+            orphans = self.catalog.delete_window(name, keep=keep)
             in_redis = self.shared is not None and self.shared.remove(name)
             if orphans is None and not in_redis:
                 raise WindowError(f"no window named {name!r}", code="window_not_found")

@@ -7,8 +7,13 @@ Threads:
   vLLM, then digests and writes the blobs and their catalog rows;
 - a stage thread reads and verifies blobs for pending hits into host memory;
 - prestage requests (a thaw, through the worker channel) read, verify and pin
-  a window's blobs in the memory tier, so the next request stages by memcpy.
-Every storage error is logged, counted and turned into a miss.
+  a window's blobs in the memory tier, so the next request stages by memcpy;
+- at start, rank 0 checks every catalogued blob file once (exists, header,
+  length) and drops the rows of missing or broken ones (a crash or a hand
+  on the disk), so nothing is counted as stored that is not there.
+Every storage error is logged, counted and turned into a miss. A capture is
+all or nothing: when a write fails (disk full, read-only, catalog locked) the
+blobs it wrote are removed again and its blocks are reported as not stored.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.cwm.worker")
 
 NUM_READERS = 2  # parallel blob reads while staging
+RECHECK_S = 0.5  # the start-up check looks at a bad-looking blob again after this
+CATALOG_RETRY_S = 10.0  # an unavailable catalog is reopened at most this often (capture)
 PREWARM_BYTES = 256 << 20  # staging memory prefaulted at start (fresh pages cost more than a copy)
 
 
@@ -99,6 +106,8 @@ class CwmWorker:
         self._copy_stream = torch.cuda.Stream(layout.device) if layout.is_cuda else None
         self._loads_in_flight: list[tuple[torch.cuda.Event, StagingBuffer]] = []
         self._stage_q: queue.Queue[StageJob | None] = queue.Queue()
+        self._capture_failing = False  # the last capture failed (logged once it recovers)
+        self._catalog_tried = 0.0  # monotonic time of the capture thread's last catalog open
         removed = self.disk.clean_orphan_tmp()
         if removed:
             logger.info("cwm: removed %d orphaned temp files", removed)
@@ -106,6 +115,10 @@ class CwmWorker:
             threading.Thread(target=self._capture_loop, name="cwm-capture", daemon=True),
             threading.Thread(target=self._stage_loop, name="cwm-stage", daemon=True),
         ]
+        if rank == 0:  # one rank is enough: the blob rows are shared
+            self._threads.append(
+                threading.Thread(target=self._check_store, name="cwm-check", daemon=True)
+            )
         for thread in self._threads:
             thread.start()
 
@@ -235,9 +248,64 @@ class CwmWorker:
         self.stats.flush(force=True)
 
     # -- capture thread ----------------------------------------------------
+    def _check_store(self) -> None:
+        """Drop catalog rows whose blob file is missing or broken (start-up, background)."""
+        _leave_forward_cores()
+        catalog = Catalog(self.catalog_path)
+        if not catalog.writable:
+            catalog.close()
+            return
+        checked = 0
+        bad: list[tuple[bytes, str]] = []
+        try:
+            for rows in catalog.blob_rows():
+                for dig, codec in rows:
+                    held_elsewhere = self.store.redis is not None and not self.disk.contains(dig)
+                    if codec == "redis" or held_elsewhere:
+                        continue  # Redis holds it, not this disk
+                    checked += 1
+                    problem = self.disk.check(dig)
+                    if problem is not None:
+                        bad.append((dig, problem))
+            if bad:  # look again: a file being replaced right now is not damage
+                time.sleep(RECHECK_S)
+                bad = [(dig, p) for dig, _ in bad if (p := self.disk.check(dig)) is not None]
+            for dig, problem in bad:
+                block = catalog.block_of(dig)
+                catalog.forget_blob(dig)
+                if problem == "corrupt":
+                    self.disk.quarantine(dig)
+                self.stats.add("missing_blobs" if problem == "missing" else "digest_errors")
+                logger.error(
+                    "cwm: start-up check: blob %s of block %s is %s; its catalog rows are "
+                    "dropped (those tokens will be recomputed)",
+                    dig.hex(), block.hex()[:16] if block else "-", problem,
+                )  # fmt: skip
+        except (CwmError, OSError) as exc:
+            logger.error("cwm: start-up check of the store stopped: %s", exc)
+        finally:
+            catalog.close()
+        logger.info("cwm: start-up check: %d blobs, %d dropped", checked, len(bad))
+        self._flush_stats()
+
+    def _capture_catalog(self, catalog: Catalog) -> Catalog:
+        """The capture thread's catalog, reopened (at most every CATALOG_RETRY_S) if it was
+        unavailable: a lock released or a file repaired lets capture resume."""
+        if catalog.writable or time.monotonic() - self._catalog_tried < CATALOG_RETRY_S:
+            return catalog
+        self._catalog_tried = time.monotonic()
+        fresh = Catalog(self.catalog_path)
+        if not fresh.writable:
+            fresh.close()
+            return catalog
+        catalog.close()
+        logger.info("cwm: catalog %s is writable again; capture resumes", self.catalog_path)
+        return fresh
+
     def _capture_loop(self) -> None:
         _leave_forward_cores()
         catalog = Catalog(self.catalog_path)
+        self._catalog_tried = time.monotonic()
         while (capture := self._capture_q.get()) is not None:
             job = capture.job
             buffer = capture.buffer or self.pool.take(len(job.block_ids))
@@ -254,7 +322,14 @@ class CwmWorker:
                 gathered = False
             with self._lock:
                 self._gathered.add(job.req_id)  # vLLM may free the blocks now
-            if gathered:
+            catalog = self._capture_catalog(catalog)
+            if gathered and not catalog.writable:
+                # The Catalog logged why, once; writing blobs nobody can find would only fill
+                # the disk.
+                self.stats.add("store_errors")
+                self.stats.add("capture_skipped_blocks", len(job.block_hashes))
+                self._report_stored([], job.block_hashes)
+            elif gathered:
                 self._store_rows(catalog, job.block_hashes, buffer)
             else:
                 self._report_stored([], job.block_hashes)
@@ -278,14 +353,28 @@ class CwmWorker:
                 blocks.append((block_hash, dig))
             catalog.add_blocks(self.fp_id, blocks, blobs)
             self.store.share(self.fp_id, blocks)
-        except (CwmError, OSError, Exception) as exc:  # a failed write is a future miss
-            logger.error("cwm: capture of %d blocks failed: %s", len(hashes), exc)
+        except Exception as exc:  # a failed write (full, read-only, locked) is a future miss
+            logger.error(
+                "cwm: capture of %d blocks failed, nothing of it is kept: %s", len(hashes), exc
+            )
             self.stats.add("store_errors")
+            self._capture_failing = True
+            self._undo_writes(catalog, written)
             self._report_stored([], hashes)
             return
+        if self._capture_failing:
+            self._capture_failing = False
+            logger.info("cwm: capture works again (%d blocks stored)", len(hashes))
         self.stats.add("captured_blocks", len(hashes))
         self.stats.add("captured_raw_bytes", len(hashes) * self.layout.block_bytes)
         self._report_stored(hashes, [])
+
+    def _undo_writes(self, catalog: Catalog, written: set[bytes]) -> None:
+        """Remove the blob files a failed capture wrote and no catalog row names."""
+        for dig in written:
+            with contextlib.suppress(Exception):
+                if not catalog.has_blob(dig):
+                    self.disk.delete(dig)
 
     def _flush_stats(self) -> None:
         self.store.flush_stats()
@@ -350,7 +439,10 @@ class CwmWorker:
         failures = list(self._readers.map(read, range(len(digests))))
         for dig, failure in zip(digests, failures, strict=True):
             if failure in ("corrupt", "missing"):
-                catalog.forget_blob(dig)  # the next capture of this content heals it
+                try:
+                    catalog.forget_blob(dig)  # the next capture of this content heals it
+                except CwmError as exc:  # locked or unavailable: the digest check still holds
+                    logger.warning("cwm: cannot drop the rows of blob %s: %s", dig.hex(), exc)
         num_ok = next((i for i, failure in enumerate(failures) if failure), len(failures))
         self.stats.add("staged_blocks", num_ok)
         failed = [d for d, failure in zip(digests, failures, strict=True) if failure]

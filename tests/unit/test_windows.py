@@ -135,6 +135,7 @@ def test_delete_frees_unshared_blobs_and_keeps_shared(tmp_path: Path) -> None:
     svc.clone("w", "w-copy")  # shares every blob
     capture(svc, "t", list(range(500, 564)), seed=9)
     svc.freeze("t", "other")
+    svc.sessions.record("s", [7] * 10, [])  # session s moved on: its blocks are not live
     assert svc.delete("w")["freed_bytes"] == 0  # still pinned by w-copy
     result = svc.delete("w-copy")
     assert result["freed_blobs"] == 3 and result["freed_bytes"] == 3 * (4096 + 40)
@@ -282,3 +283,15 @@ def test_auto_freeze_ops_trigger_and_keep_last(tmp_path: Path) -> None:
     names = [svc.auto_freeze_check("s1", trigger=True)["window"]["name"] for _ in range(3)]
     kept = [w["name"] for w in svc.list(tags=["auto"])]
     assert len(set(names)) == 3 and sorted(kept) == sorted(names[1:])  # keep_last = 2
+
+
+def test_delete_keeps_what_a_live_session_needs_for_its_next_freeze(tmp_path: Path) -> None:
+    svc = make_service(tmp_path)
+    digests = capture(svc, "s", list(range(96)))
+    svc.freeze("s", "w1")
+    assert svc.delete("w1")["freed_blobs"] == 0  # session s still holds these blocks
+    assert all(svc.disk.contains(d) for d in digests)
+    assert svc.freeze("s", "w2")["blocks"] == 3  # durable at once: nothing to recapture
+    svc.sessions.record("s", [1, 2, 3], [])  # the session moved on
+    assert svc.delete("w2")["freed_blobs"] == 3
+    assert not any(svc.disk.contains(d) for d in digests)
