@@ -7,7 +7,9 @@ through CwmWorker. Every hook delegates; nothing here raises into vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm.cwm")
 SCHEDULER_REDIS_TIMEOUT_S = 0.1
+CATALOG_RETRY_S = 10.0
 
 
 @dataclass
@@ -100,7 +103,8 @@ class CWMConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = self._kv_transfer_config
         self.cfg = CwmConfig.resolve(transfer.kv_connector_extra_config)
-        self.cfg.store_path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # a read-only store still serves restores
+            self.cfg.store_path.mkdir(parents=True, exist_ok=True)
         self._engine_fp = engine_fingerprint(vllm_config)
         self._engine_fp_id = canonical_id(self._engine_fp)
         self._block_size = vllm_config.cache_config.block_size
@@ -130,10 +134,11 @@ class CWMConnector(KVConnectorBase_V1):
                 '"kv_load_failure_policy":"recompute" to recompute it instead.',
                 failure_policy,
             )
-        self._catalog = Catalog(catalog_path(self.cfg.store_path))
+        # The engine thread never waits long on SQLite: a lock held elsewhere is a miss.
+        self._catalog = Catalog(catalog_path(self.cfg.store_path), timeout_s=0.1)
+        self._catalog_retry_at = time.monotonic()
         self._sched_stats = Stats(self.cfg.store_path / "stats" / "scheduler.json")
         engine_fp_id = self._engine_fp_id
-        catalog = self._catalog
         # The engine thread asks Redis only with a short timeout, behind a circuit breaker.
         self._redis = _redis_tier(self.cfg.redis_url, socket_timeout_s=SCHEDULER_REDIS_TIMEOUT_S)
         redis = self._redis
@@ -141,6 +146,7 @@ class CWMConnector(KVConnectorBase_V1):
         def lookup(hashes: Any) -> set[bytes]:
             if not hashes:
                 return set()
+            catalog = self._engine_catalog()
             found = catalog.stored_hashes(engine_fp_id, hashes)
             if redis is not None and len(found) < len(hashes):
                 rest = [h for h in hashes if h not in found]
@@ -173,6 +179,16 @@ class CWMConnector(KVConnectorBase_V1):
             self._engine_fp_id[:12],
         )
 
+    def _engine_catalog(self) -> Catalog:
+        """The engine thread's catalog; one that failed to open is retried every 10 s."""
+        now = time.monotonic()
+        if not self._catalog.ok and now - self._catalog_retry_at > CATALOG_RETRY_S:
+            self._catalog_retry_at = now
+            self._catalog = Catalog(catalog_path(self.cfg.store_path), timeout_s=0.1)
+            if self._catalog.ok:
+                logger.info("cwm: catalog available again")
+        return self._catalog
+
     def _start_control(self, vllm_config: VllmConfig) -> ControlServer | None:
         """Serve window ops on the control socket; a failure disables only the socket."""
         model = vllm_config.model_config
@@ -200,6 +216,7 @@ class CWMConnector(KVConnectorBase_V1):
             shared=shared,
             auto=self._auto,
             latency=self._deltas.observe,
+            failed_captures=self._scheduler.failed_captures if self._scheduler else None,
         )
         self._service = service
         server = ControlServer(self.cfg.control_socket_path, service.handle)

@@ -29,6 +29,7 @@ from typing import Protocol
 from cwm_connector.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
 
 logger = logging.getLogger("vllm.cwm.scheduler")
+MAX_FAILURES_KEPT = 100_000
 
 
 class StoredLookup(Protocol):
@@ -102,6 +103,9 @@ class CwmScheduler:
         self._ready_lock = threading.Lock()
         self._ready: dict[bytes, _Ready] = {}  # first block hash -> prestaged job
         self._ready_drops: list[int] = []
+        # Blocks whose latest capture failed (disk full, read-only, catalog unavailable).
+        self._failed_lock = threading.Lock()
+        self._store_failures: dict[bytes, None] = {}
 
     # -- restore -----------------------------------------------------------
     def get_num_new_matched_tokens(
@@ -284,8 +288,21 @@ class CwmScheduler:
             self._inflight_capture.discard(block_hash)
         for block_hash in report.store_failed:
             self._inflight_capture.discard(block_hash)
+        if report.stored or report.store_failed:
+            with self._failed_lock:
+                for block_hash in report.stored:
+                    self._store_failures.pop(block_hash, None)
+                for block_hash in report.store_failed:
+                    self._store_failures[block_hash] = None
+                while len(self._store_failures) > MAX_FAILURES_KEPT:  # oldest first
+                    self._store_failures.pop(next(iter(self._store_failures)))
         self.counters.stored_blocks += len(report.stored)
         self.counters.store_failed_blocks += len(report.store_failed)
+
+    def failed_captures(self, hashes: Sequence[bytes]) -> int:
+        """How many of these blocks' latest capture failed (any thread; freeze fails fast)."""
+        with self._failed_lock:
+            return sum(1 for h in hashes if h in self._store_failures)
 
     @property
     def num_pending(self) -> int:

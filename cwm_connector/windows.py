@@ -67,6 +67,7 @@ class WindowService(AdminOps, TransferOps):
         shared: SharedWindows | None = None,
         auto: AutoFreezer | None = None,
         latency: Callable[[str, float], None] | None = None,
+        failed_captures: Callable[[list[bytes]], int] | None = None,
         freeze_timeout_s: float = 60.0,
     ):
         self.store_dir = store_dir
@@ -86,6 +87,7 @@ class WindowService(AdminOps, TransferOps):
         self.channels = channels
         self.auto = auto
         self._latency = latency
+        self._failed_captures = failed_captures or (lambda hashes: 0)
         self.freeze_timeout_s = freeze_timeout_s
         self._local = threading.local()
         self._write_lock = threading.Lock()
@@ -425,6 +427,15 @@ class WindowService(AdminOps, TransferOps):
         while True:
             found = self.catalog.digests_for_engine(self.engine_fp_id, hashes)
             progress(len(found), len(set(hashes)))
+            failed = self._failed_captures([h for h in hashes if h not in found])
+            if failed:
+                raise WindowError(
+                    f"capture of {failed} of {len(hashes)} blocks failed (disk full, read-only "
+                    "store or catalog unavailable: see the vLLM log); send the session's next "
+                    "request once it is fixed, then freeze again",
+                    code="capture_failed",
+                    retryable=True,
+                )
             if len(found) == len(set(hashes)):
                 return found
             if time.monotonic() > deadline:

@@ -304,9 +304,11 @@ def test_disk_full_and_unwritable_store(tiny_model: Path, tmp_path: Path) -> Non
             assert blob_count(store) == 0 and temp_files(store) == []  # nothing half-written
             second = srv.complete(prompt, salt="f1", max_tokens=4)  # serving goes on
             assert outputs(second)[0] == outputs(first)[0]
+            started = time.monotonic()
             code, err = cwm(sock, "freeze", "f1", "w-full")
-            assert code == 1 and err["error"]["code"] == "not_durable", err
-            assert "capture failed" in err["error"]["message"]
+            assert code == 1 and err["error"]["code"] == "capture_failed", err
+            assert err["error"]["retryable"] is True and "capture of" in err["error"]["message"]
+            assert time.monotonic() - started < 30  # at once, not after the durability timeout
             log = (tmp_path / "F.log").read_text()
             assert "No space left on device" in log
 

@@ -215,3 +215,12 @@ def test_a_second_thaw_of_a_window_replaces_and_drops_the_first_job() -> None:
     assert sched.get_num_new_matched_tokens("r", hs, 4 * BS + 1, 0) == (4 * BS, False)
     sched.update_state_after_alloc("r", [1, 2, 3, 4, 5], 4 * BS)
     assert sched.build_plan().loads[0].job_id == second
+
+
+def test_failed_captures_are_remembered_until_stored() -> None:
+    sched, _ = make(set())
+    hs = hashes(3)
+    sched.apply_report(WorkerReport(rank=0, store_failed=hs[:2]))
+    assert sched.failed_captures(hs) == 2
+    sched.apply_report(WorkerReport(rank=0, stored=[hs[0]]))  # a later capture worked
+    assert sched.failed_captures(hs) == 1

@@ -295,3 +295,19 @@ def test_delete_keeps_what_a_live_session_needs_for_its_next_freeze(tmp_path: Pa
     svc.sessions.record("s", [1, 2, 3], [])  # the session moved on
     assert svc.delete("w2")["freed_blobs"] == 3
     assert not any(svc.disk.contains(d) for d in digests)
+
+
+def test_freeze_fails_fast_when_the_capture_failed(tmp_path: Path) -> None:
+    import time
+
+    svc = make_service(tmp_path)
+    svc.freeze_timeout_s = 30.0
+    hashes = block_hash_chain(list(range(96)), BS, "s", "sha256")
+    svc.sessions.record("s", list(range(96)), hashes)  # finished, but nothing was stored
+    svc._failed_captures = lambda wanted: len(wanted)
+    started = time.monotonic()
+    with pytest.raises(CwmError) as err:
+        svc.freeze("s", "w")
+    assert err.value.code == "capture_failed" and err.value.retryable
+    assert time.monotonic() - started < 5  # not the 30 s durability timeout
+    assert svc.catalog.get_window("w") is None
