@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from e2e_tools import BLOCK, EXTERNAL_HITS, cwm, metric_at_least, outputs, server
+from fault_tools import locked
 
 from cwm_connector.stats import read_stats
 from cwm_connector.tier_disk import DiskTier
@@ -176,29 +177,6 @@ def test_kill9_mid_capture_then_truncated_and_deleted_blobs(
         wait_for(lambda: cwm(sock, "status", "w1")[1]["complete"], what="w1 healed")
     finally:
         srv.stop()
-
-
-LOCKER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.read()
-"""
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """`BEGIN EXCLUSIVE` held by a separate process until the block ends."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == b"locked"
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_locked_and_corrupt_catalog_serve_correct_replies(tiny_model: Path, tmp_path: Path) -> None:

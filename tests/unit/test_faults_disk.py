@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_tools import locked
 
 from cwm_connector import worker as worker_module
 from cwm_connector.catalog import Catalog, CatalogUnavailable, catalog_path
@@ -138,29 +139,6 @@ def test_corrupt_catalog_is_unavailable_with_one_clear_error(
     with pytest.raises(CatalogUnavailable):
         again.add_blocks("fp", [(b"h", b"d" * 16)], [])
     catalog.close()
-
-
-LOCKER = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.read()
-"""
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """`BEGIN EXCLUSIVE` held by a separate process until the block ends."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == b"locked"
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_locked_catalog_still_reads_and_refuses_writes_with_a_clear_error(tmp_path: Path) -> None:
