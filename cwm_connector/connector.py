@@ -134,8 +134,8 @@ class CWMConnector(KVConnectorBase_V1):
                 '"kv_load_failure_policy":"recompute" to recompute it instead.',
                 failure_policy,
             )
-        # The engine thread never waits long on SQLite: a lock held elsewhere is a miss.
-        self._catalog = Catalog(catalog_path(self.cfg.store_path), timeout_s=0.1)
+        # The engine thread waits at most 1 s on SQLite: a lock held longer is a miss.
+        self._catalog = Catalog(catalog_path(self.cfg.store_path), timeout_s=1.0)
         self._catalog_retry_at = time.monotonic()
         self._sched_stats = Stats(self.cfg.store_path / "stats" / "scheduler.json")
         engine_fp_id = self._engine_fp_id
@@ -184,7 +184,7 @@ class CWMConnector(KVConnectorBase_V1):
         now = time.monotonic()
         if not self._catalog.ok and now - self._catalog_retry_at > CATALOG_RETRY_S:
             self._catalog_retry_at = now
-            self._catalog = Catalog(catalog_path(self.cfg.store_path), timeout_s=0.1)
+            self._catalog = Catalog(catalog_path(self.cfg.store_path), timeout_s=1.0)
             if self._catalog.ok:
                 logger.info("cwm: catalog available again")
         return self._catalog
