@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cwm_connector.errors import CwmError
-from cwm_connector.sessions import salt_digest
 
 SORT_KEYS = ("name", "created", "tokens", "bytes")
 MAX_LIMIT = 10_000
@@ -80,8 +79,3 @@ class WindowQuery:
         kept.sort(key=lambda w: (w.get(self.sort_by), w["name"]), reverse=self.sort_order == "desc")
         end = None if self.limit is None else self.offset + self.limit
         return kept[self.offset : end]
-
-
-def session_key(salt_or_digest: str) -> str:
-    """The digest under which a session is listed."""
-    return salt_or_digest if len(salt_or_digest) == 16 else salt_digest(salt_or_digest)
