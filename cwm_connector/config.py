@@ -12,6 +12,7 @@ from typing import Any
 from cwm_connector.errors import ConfigError
 
 CAPTURE_MODES = ("salted", "all", "off")
+LAYERWISE_MODES = ("auto", "on", "off")
 COMPRESSIONS = ("zstd", "none")
 
 
@@ -30,6 +31,7 @@ class CwmConfig:
     copy_backend: str = "auto"  # KV block copies: auto | triton | torch | native (KVLayout checks)
     thaw_pin_s: float = 600.0  # a thawed window's staged blocks are held this long
     auto_freeze: str = ""  # JSON object of AutoFreezePolicy fields (a map in extra config)
+    layerwise_load: str = "auto"  # restore layer by layer (wait_for_layer_load): auto | on | off
 
     def __post_init__(self) -> None:
         if self.capture not in CAPTURE_MODES:
@@ -37,6 +39,10 @@ class CwmConfig:
         if self.compression not in COMPRESSIONS:
             raise ConfigError(
                 f"compression must be one of {COMPRESSIONS}, got {self.compression!r}"
+            )
+        if self.layerwise_load not in LAYERWISE_MODES:
+            raise ConfigError(
+                f"layerwise_load must be one of {LAYERWISE_MODES}, got {self.layerwise_load!r}"
             )
         if self.memory_bytes <= 0:
             raise ConfigError("memory_bytes must be positive")
@@ -96,6 +102,9 @@ def _coerce(name: str, raw: Any, type_name: Any) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(raw)
             return json.dumps(value, sort_keys=True)
+        if name == "layerwise_load":  # also a JSON or env boolean
+            text = str(raw).strip().lower()
+            return {"true": "on", "1": "on", "false": "off", "0": "off"}.get(text, text)
         if kind == "bool":
             if isinstance(raw, bool):
                 return raw

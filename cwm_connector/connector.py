@@ -288,12 +288,25 @@ class CWMConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, CwmConnectorMetadata)
-        self._worker.submit(meta.plan)
+        self._worker.submit(meta.plan, by_layer=self._by_layer(forward_context))
+
+    def _by_layer(self, forward_context: ForwardContext) -> bool:
+        """Load layer by layer unless off, or the forward is a full CUDA graph (no Python
+        runs between its layers, so wait_for_layer_load would never be called)."""
+        mode = self.cfg.layerwise_load
+        if mode == "off" or (mode == "auto" and not self._worker_is_cuda()):
+            return False
+        runtime = getattr(forward_context, "cudagraph_runtime_mode", None)
+        return getattr(runtime, "name", "NONE") != "FULL"
+
+    def _worker_is_cuda(self) -> bool:
+        return self._worker is not None and self._worker.layout.is_cuda
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads are ordered before the forward in start_load_kv (CPU: a memcpy done
-        there; CUDA: the forward's stream waits on the copy stream's event)."""
-        return
+        """Before this layer's attention: its restored blocks are in place (layer by
+        layer), or nothing to do (the whole load was ordered before the forward)."""
+        if self._worker is not None:
+            self._worker.wait_for_layer(layer_name)
 
     def save_kv_layer(
         self,

@@ -132,6 +132,7 @@ class BlockCopier:
         # CPU (interpreter): the kernel addresses the staging rows directly.
         self.strategy = "staged" if self.device.type == "cuda" else "uva"
         self.groups: list[_Group] = []
+        self.layer_groups: dict[int, _Group] = {}  # one launch per layer (layer-by-layer loads)
         self.fallback: list[int] = list(range(len(tensors)))
         self._launch: Callable[..., None] | None = None
         self._scratch: dict[bool, _Scratch] = {}
@@ -168,32 +169,49 @@ class BlockCopier:
         max_word = 16 if self.backend == "native" and self.device.type == "cuda" else 8
         for geometry, layers in by_geometry.items():
             for start in range(0, len(layers), step):
-                chunk = layers[start : start + step]
-                bases = [self.tensors[i].data_ptr() for i in chunk]
-                word = word_bytes(max_word, *geometry.as_tuple()[1:], *bases)
-                table = torch.tensor(bases, dtype=torch.int64).to(self.device)
-                self.groups.append(_Group(chunk, geometry, word, table))
+                self.groups.append(self._group(layers[start : start + step], geometry, max_word))
+            for index in layers:
+                self.layer_groups[index] = self._group([index], geometry, max_word)
+
+    def _group(self, layers: list[int], geometry: RunGeometry, max_word: int) -> _Group:
+        bases = [self.tensors[i].data_ptr() for i in layers]
+        word = word_bytes(max_word, *geometry.as_tuple()[1:], *bases)
+        table = torch.tensor(bases, dtype=torch.int64).to(self.device)
+        return _Group(layers, geometry, word, table)
 
     # -- copies (queued on the current stream) -----------------------------
     def gather(self, ids: torch.Tensor, num: int, out: StagingBuffer) -> None:
         """Blocks `ids` (on the KV device) into rows [0, num) of `out`."""
         self._copy(ids, num, out, gather=True)
 
-    def scatter(self, ids: torch.Tensor, num: int, src: StagingBuffer) -> None:
-        """Rows [0, num) of `src` into blocks `ids` (on the KV device)."""
-        self._copy(ids, num, src, gather=False)
+    def scatter(
+        self, ids: torch.Tensor, num: int, src: StagingBuffer, layers: list[int] | None = None
+    ) -> None:
+        """Rows [0, num) of `src` into blocks `ids` (on the KV device); only `layers` if given."""
+        self._copy(ids, num, src, gather=False, layers=layers)
 
-    def _copy(self, ids: torch.Tensor, num: int, buffer: StagingBuffer, gather: bool) -> None:
-        for index in self.fallback:
+    def _copy(
+        self,
+        ids: torch.Tensor,
+        num: int,
+        buffer: StagingBuffer,
+        gather: bool,
+        layers: list[int] | None = None,
+    ) -> None:
+        fallback, groups = self.fallback, self.groups
+        if layers is not None:
+            fallback = [i for i in layers if i not in self.layer_groups]
+            groups = [self.layer_groups[i] for i in layers if i in self.layer_groups]
+        for index in fallback:
             layer = (self.tensors[index], self.block_dims[index], buffer.layers[index])
             (torch_gather if gather else torch_scatter)(*layer, ids, num)
-        if not self.groups or num == 0:
+        if not groups or num == 0:
             return
         if self.strategy == "uva" and (self.device.type != "cuda" or buffer.is_pinned):
-            for group in self.groups:
+            for group in groups:
                 self._run(group, [buffer.layers[i] for i in group.layers], ids, gather)
         else:  # staged, or a pageable buffer the GPU cannot address
-            self._copy_staged(ids, num, buffer, gather)
+            self._copy_staged(ids, num, buffer, gather, groups)
 
     def _run(
         self, group: _Group, rows: list[torch.Tensor], ids: torch.Tensor, gather: bool
@@ -207,9 +225,10 @@ class BlockCopier:
         self._launch(group.paged_bases, host, ids, group.geometry.as_tuple(), word, gather)
 
     def _copy_staged(
-        self, ids: torch.Tensor, num: int, buffer: StagingBuffer, gather: bool
+        self, ids: torch.Tensor, num: int, buffer: StagingBuffer, gather: bool, groups: list[_Group]
     ) -> None:
         scratch = self._scratch_for(gather)
+        layers = [i for group in groups for i in group.layers]
         is_cuda = self.device.type == "cuda"
         with scratch.lock:
             if is_cuda and scratch.event is not None:
@@ -218,17 +237,17 @@ class BlockCopier:
             for start in range(0, num, scratch.chunk):
                 stop = min(num, start + scratch.chunk)
                 if not gather:
-                    for index, rows in scratch.layers.items():
-                        rows[: stop - start].copy_(
+                    for index in layers:
+                        scratch.layers[index][: stop - start].copy_(
                             buffer.layers[index][start:stop], non_blocking=True
                         )
-                for group in self.groups:
+                for group in groups:
                     rows = [scratch.layers[i] for i in group.layers]
                     self._run(group, rows, ids[start:stop], gather)
                 if gather:
-                    for index, rows in scratch.layers.items():
+                    for index in layers:
                         buffer.layers[index][start:stop].copy_(
-                            rows[: stop - start], non_blocking=True
+                            scratch.layers[index][: stop - start], non_blocking=True
                         )
             if is_cuda:
                 scratch.event = torch.cuda.Event()

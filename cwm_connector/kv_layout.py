@@ -156,9 +156,13 @@ class KVLayout:
         )
 
     def scatter(
-        self, block_ids: Sequence[int], src: StagingBuffer, stream: torch.cuda.Stream | None = None
+        self,
+        block_ids: Sequence[int],
+        src: StagingBuffer,
+        stream: torch.cuda.Stream | None = None,
+        layers: list[int] | None = None,
     ) -> torch.cuda.Event | None:
-        """Write rows [0, n) of `src` into these paged blocks.
+        """Write rows [0, n) of `src` into these paged blocks (of `layers` only, if given).
 
         Same stream contract as `gather`; with a stream, make the forward wait
         (`torch.cuda.current_stream().wait_event(event)`) and keep `src` until
@@ -166,8 +170,31 @@ class KVLayout:
         """
         self._check(block_ids, src)
         return self._run(
-            block_ids, stream, lambda ids: self.copier.scatter(ids, len(block_ids), src)
+            block_ids, stream, lambda ids: self.copier.scatter(ids, len(block_ids), src, layers)
         )
+
+    def scatter_by_layer(
+        self, parts: Sequence[tuple[Sequence[int], StagingBuffer]], stream: torch.cuda.Stream
+    ) -> list[torch.cuda.Event]:
+        """CUDA: queue every part's scatter on `stream` in layer order, one event per layer.
+
+        Event i marks layer i written in every part. Queued after the work already
+        on the current stream; the caller makes the forward wait on event i before
+        layer i reads the cache and keeps the buffers until the last event completes.
+        """
+        for block_ids, src in parts:
+            self._check(block_ids, src)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        events = []
+        with torch.cuda.stream(stream):
+            on_device = [(self._device_ids(ids), len(ids), src) for ids, src in parts]
+            for layer in range(len(self.tensors)):
+                for ids, num, src in on_device:
+                    self.copier.scatter(ids, num, src, [layer])
+                event = torch.cuda.Event()
+                event.record(stream)
+                events.append(event)
+        return events
 
     def _check(self, block_ids: Sequence[int], buffer: StagingBuffer) -> None:
         # Kernels do not bound-check: a wrong id must never become a wild write.
@@ -190,13 +217,17 @@ class KVLayout:
         if side != current:
             side.wait_stream(current)
         with torch.cuda.stream(side):
-            ids = torch.tensor(block_ids, dtype=torch.long).pin_memory()
-            work(ids.to(self.device, non_blocking=True))
+            work(self._device_ids(block_ids))
             event = torch.cuda.Event()
             event.record(side)
         if stream is None:
             event.synchronize()
         return event
+
+    def _device_ids(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Block ids on the KV device, copied on the current stream (pinned, async)."""
+        ids = torch.tensor(block_ids, dtype=torch.long).pin_memory()
+        return ids.to(self.device, non_blocking=True)
 
 
 def _block_dim(tensor: torch.Tensor, num_blocks: int) -> int:

@@ -37,7 +37,8 @@ from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.config import CwmConfig
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.kv_layout import KVLayout, StagingBuffer
-from cwm_connector.plans import CaptureJob, StageJob, StepPlan, WorkerReport
+from cwm_connector.layer_loads import LayerwiseLoad, LoadPart
+from cwm_connector.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
 from cwm_connector.stats import Stats
 from cwm_connector.store import TieredStore
 from cwm_connector.tier_disk import DiskTier
@@ -105,6 +106,7 @@ class CwmWorker:
         # CUDA: copies run on their own stream, overlapping the forward passes.
         self._copy_stream = torch.cuda.Stream(layout.device) if layout.is_cuda else None
         self._loads_in_flight: list[tuple[torch.cuda.Event, StagingBuffer]] = []
+        self._layer_load = LayerwiseLoad(layout, self._copy_stream, self._loaded)
         self._stage_q: queue.Queue[StageJob | None] = queue.Queue()
         self._capture_failing = False  # the last capture failed (logged once it recovers)
         self._catalog_tried = 0.0  # monotonic time of the capture thread's last catalog open
@@ -123,8 +125,14 @@ class CwmWorker:
             thread.start()
 
     # -- engine thread -----------------------------------------------------
-    def submit(self, plan: StepPlan) -> None:
-        """Queue this step's captures and stages, apply drops, run loads now."""
+    def submit(self, plan: StepPlan, by_layer: bool = False) -> None:
+        """Queue this step's captures and stages, apply drops, start the loads.
+
+        by_layer: the forward will call `wait_for_layer` before each layer reads
+        the cache, so loads go layer by layer (layer_loads.py); else they are
+        complete (CPU) or ordered before the whole forward (CUDA) on return.
+        """
+        self._layer_load.finish()
         self._release_finished_loads()
         self._expire_staged()
         for job in plan.captures:
@@ -137,44 +145,87 @@ class CwmWorker:
             for job_id in plan.drops:
                 if self._release(job_id) is None:
                     self._dropped.add(job_id)  # still queued or being staged
-        for load in plan.loads:
-            self._load(load.job_id, load.block_ids)
+        parts = [part for load in plan.loads if (part := self._load_part(load)) is not None]
+        if parts:
+            self._load(parts, by_layer)
         self.stats.flush(force=bool(plan.loads))
 
-    def _load(self, job_id: int, block_ids: list[int]) -> None:
+    def wait_for_layer(self, layer_name: str) -> None:
+        """Before a layer reads the cache: its blocks of this step's loads are in place."""
+        self._layer_load.wait(layer_name)
+
+    def _load_part(self, load: LoadJob) -> LoadPart | None:
+        """The staged blocks of one load; the promised ones not in hand are load errors."""
         with self._lock:
-            staged = self._release(job_id)
+            staged = self._release(load.job_id)
+        block_ids = load.block_ids
         num = min(0 if staged is None else staged.num_blocks, len(block_ids))
         if num < len(block_ids):
             # Promised but not in hand: vLLM recomputes these (kv_load_failure_policy).
-            logger.error("cwm: load job %d lacks %d staged blocks", job_id, len(block_ids) - num)
-            self._load_errors.update(block_ids[num:])
-            self.stats.add("load_errors", len(block_ids) - num)
+            missing = len(block_ids) - num
+            logger.error("cwm: load job %d lacks %d staged blocks", load.job_id, missing)
+            with self._lock:
+                self._load_errors.update(block_ids[num:])
+            self.stats.add("load_errors", missing)
         if num == 0 or staged is None:
-            return
+            return None
+        return LoadPart(
+            load.job_id, block_ids[:num], staged.buffer, staged.digests[:num], staged.prestaged
+        )
+
+    def _load(self, parts: list[LoadPart], by_layer: bool) -> None:
         started = time.perf_counter()
         try:
-            event = self.layout.scatter(block_ids[:num], staged.buffer, stream=self._copy_stream)
-        except Exception:
-            logger.exception("cwm: scatter failed for load job %d", job_id)
-            self._load_errors.update(block_ids[:num])
-            self.stats.add("load_errors", num)
-            self.pool.give(staged.buffer)
+            if by_layer:
+                events = self._layer_load.start(parts)
+                if not events:
+                    return  # CPU: the load thread reports through _loaded
+                done: list[torch.cuda.Event | None] = [events[-1]] * len(parts)
+            else:
+                stream = self._copy_stream
+                done = [self.layout.scatter(p.block_ids, p.buffer, stream) for p in parts]
+        except Exception as exc:
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()  # nothing may still read a buffer given back
+            self._loaded(parts, exc)
             return
-        if event is None:
-            self.pool.give(staged.buffer)
-        else:
-            # The forward's stream waits for the copy on the GPU; the host does not block.
+        current = torch.cuda.current_stream(self.layout.device) if self.layout.is_cuda else None
+        for part, event in zip(parts, done, strict=True):
+            if event is None:
+                self.pool.give(part.buffer)
+                continue
+            if current is not None and not by_layer:
+                current.wait_event(event)  # the whole forward waits for the copy, on the GPU
             # The buffer goes back to the pool once the copy finished (a later step).
-            torch.cuda.current_stream(self.layout.device).wait_event(event)
-            self._loads_in_flight.append((event, staged.buffer))
-        logger.info("cwm: loaded %d blocks in %.1f ms", num, (time.perf_counter() - started) * 1e3)
-        self.stats.add("loaded_blocks", num)
-        if staged.prestaged:
-            self.stats.add("loaded_prestaged_blocks", num)
-        self.stats.add("loaded_bytes", num * self.layout.block_bytes)
+            self._loads_in_flight.append((event, part.buffer))
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        logger.info("cwm: loaded %d blocks in %.1f ms", _blocks(parts), elapsed_ms)
+        if self.cfg.verify_restore and done[-1] is not None:
+            done[-1].synchronize()  # a test option: the host reads the restored blocks
+        self._loaded(parts, None, give_back=False)
+
+    def _loaded(
+        self, parts: list[LoadPart], error: BaseException | None, give_back: bool = True
+    ) -> None:
+        """Count (or, on error, report) these loads; give back their buffers if asked."""
+        if give_back:
+            for part in parts:
+                self.pool.give(part.buffer)
+        if error is not None:
+            logger.error(
+                "cwm: scatter failed for load jobs %s: %s", [p.job_id for p in parts], error
+            )
+            with self._lock:
+                for part in parts:
+                    self._load_errors.update(part.block_ids)
+            self.stats.add("load_errors", _blocks(parts))
+            return
+        self.stats.add("loaded_blocks", _blocks(parts))
+        self.stats.add("loaded_prestaged_blocks", _blocks([p for p in parts if p.prestaged]))
+        self.stats.add("loaded_bytes", _blocks(parts) * self.layout.block_bytes)
         if self.cfg.verify_restore:
-            self._verify_restored(block_ids[:num], staged.digests[:num])
+            for part in parts:
+                self._verify_restored(part.block_ids, part.digests)
 
     def _verify_restored(self, block_ids: Sequence[int], digests: Sequence[bytes]) -> None:
         buffer = self.pool.take(len(block_ids))
@@ -227,8 +278,14 @@ class CwmWorker:
         return done
 
     def take_load_errors(self) -> set[int]:
-        """Block ids that failed to load since the last call."""
-        errors, self._load_errors = self._load_errors, set()
+        """Block ids that failed to load since the last call (this step's loads complete)."""
+        self._layer_load.finish()
+        waits, self._layer_load.waits = self._layer_load.waits, 0
+        if waits:
+            self.stats.add("layer_load_waits", waits)
+            self.stats.flush(force=True)
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
     def take_report(self) -> WorkerReport | None:
@@ -573,3 +630,7 @@ def _leading(values: list[bytes | None]) -> list[bytes]:
             break
         out.append(value)
     return out
+
+
+def _blocks(parts: Sequence[LoadPart]) -> int:
+    return sum(len(p.block_ids) for p in parts)

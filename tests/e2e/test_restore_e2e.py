@@ -103,9 +103,13 @@ def copy_store(cap: Captured, dest: Path) -> Path:
     return dest
 
 
-def test_restore_after_restart_is_lossless(captured: Captured, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layerwise", ["off", "on"])
+def test_restore_after_restart_is_lossless(
+    captured: Captured, tmp_path: Path, layerwise: str
+) -> None:
     store = copy_store(captured, tmp_path / "store")
-    srv = server(captured.model, store, tmp_path, "B", env={"VLLM_SERVER_DEV_MODE": "1"}).start()
+    env = {"VLLM_SERVER_DEV_MODE": "1", "CWM_LAYERWISE_LOAD": layerwise}
+    srv = server(captured.model, store, tmp_path, "B", env=env).start()
     try:
         restored = srv.complete(captured.prompt, salt="session-1")
         expected = full_blocks(restored) * BLOCK
@@ -120,6 +124,8 @@ def test_restore_after_restart_is_lossless(captured: Captured, tmp_path: Path) -
         # The paged blocks after the scatter hash to the captured digests.
         assert stats["restore_verified_blocks"] == expected // BLOCK
         assert stats.get("restore_mismatch_blocks", 0) == 0
+        # Layer by layer: vLLM's attention asked for each layer of the model (2 here).
+        assert stats.get("layer_load_waits", 0) == (2 if layerwise == "on" else 0)
 
         # Another salt, same prompt: no hit at all.
         other = srv.complete(captured.prompt, salt="session-2")

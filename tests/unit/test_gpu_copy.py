@@ -190,6 +190,31 @@ def test_staged_chunks_per_layer_launches_and_small_programs(
     assert_scattered(caches, before, src)
 
 
+@needs_triton
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("strategy", ["uva", "staged", "torch"])
+def test_scatter_one_layer_at_a_time_touches_only_that_layer(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    caches = make_caches("flash_attn", torch.float16, seed=14)
+    gen = torch.Generator().manual_seed(15)
+    physical = random_tensor((NB, 2, 2, 4, 8), torch.float16, gen)
+    caches["layer.hnd"] = physical.permute(0, 1, 3, 2, 4)  # a torch-path layer among kernels
+    block_bytes = KVLayout(caches, NB).block_bytes
+    monkeypatch.setattr(gpu_copy, "STAGED_CHUNK_BYTES", 2 * block_bytes)  # several chunks
+    layout = KVLayout(caches, NB, backend="torch" if strategy == "torch" else "triton")
+    layout.copier.strategy = "uva" if strategy == "torch" else strategy
+    src = poisoned(layout)
+    src._flat.copy_(torch.randint(1, 256, (src.nbytes,), dtype=torch.uint8, generator=gen))
+    before = {name: t.clone() for name, t in caches.items()}
+    for index, name in enumerate(caches):
+        layout.scatter(IDS, src, layers=[index])
+        for later in list(caches)[index + 1 :]:
+            same = torch.equal(caches[later].view(torch.uint8), before[later].view(torch.uint8))
+            assert same, f"{name} wrote {later}"
+    assert_scattered(caches, before, src)
+
+
 def test_bad_requests_and_backends_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     caches = make_caches("cpu", torch.bfloat16, seed=13)
     layout = KVLayout(caches, NB)
