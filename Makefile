@@ -9,7 +9,7 @@ EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cwm-setup-$(EXTRA)
 
-.PHONY: setup system-deps demo test lint unit e2e bench clean
+.PHONY: setup system-deps demo test lint unit e2e bench bench-gpu clean
 
 setup: system-deps $(STAMP)
 
@@ -45,6 +45,21 @@ test: lint
 
 bench: setup
 	$(PY) benchmarks/bench_restore.py
+
+# The GPU suite (a CUDA host, `make bench-gpu EXTRA=gpu`): copies vs cudaMemcpy, then restore
+# TTFT vs prefix hit and cold prefill at 4k and 32k tokens on a ~1.1B random Llama, then
+# layer-by-layer loads on and off. Results in benchmarks/results/*gpu*.json.
+GPU_MODEL := --layers 16 --hidden 2048 --heads 16 --kv-heads 8 --intermediate 8192 --dtype bfloat16
+bench-gpu: setup
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs CUDA')"
+	$(PY) -m pytest benchmarks/gpu --benchmark-columns=median,ops
+	$(PY) benchmarks/gpu/bench_copy.py
+	$(PY) benchmarks/bench_restore.py $(GPU_MODEL) --prompt-tokens 4000 --kv-cache-gb 8 \
+		--out benchmarks/results/restore_gpu_4k.json
+	$(PY) benchmarks/bench_restore.py $(GPU_MODEL) --prompt-tokens 32000 --kv-cache-gb 8 \
+		--out benchmarks/results/restore_gpu_32k.json
+	$(PY) benchmarks/bench_layerwise.py $(GPU_MODEL) --prompt-tokens 32000 \
+		--out benchmarks/results/layerwise_gpu.json
 
 clean:
 	rm -rf .cwm-demo .pytest_cache

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import torch
 from bench_restore import BLOCK, HITS, Bench, first_token, model_spec, wait_durable, wait_metric
 
 from cwm_connector.client import ControlClient
@@ -34,6 +35,8 @@ from cwm_connector.tiny_model import build_tiny_model, count_parameters
 from cwm_connector.vllm_process import VllmServer, kv_transfer_config
 
 MODES = ("off", "on")
+# Two servers share one GPU: each takes part of its memory (ignored on the CPU).
+SIDE_BY_SIDE = ["--gpu-memory-utilization", "0.4"] if torch.cuda.is_available() else []
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,7 +88,7 @@ def main() -> int:
             stores[mode] = work / f"store-{mode}"
             shutil.copytree(store, stores[mode], ignore=shutil.ignore_patterns("*.sock*", "stats"))
             cfg = {"store_dir": str(stores[mode]), "layerwise_load": mode}
-            servers[mode] = bench.server(mode, kv_transfer_config(cfg))
+            servers[mode] = bench.server(mode, kv_transfer_config(cfg), SIDE_BY_SIDE)
             servers[mode].env = {"VLLM_SERVER_DEV_MODE": "1"}
             bench.started(servers[mode])
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}

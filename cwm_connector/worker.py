@@ -2,7 +2,8 @@
 
 Threads:
 - the engine thread calls `submit` with each step's plan; loads (a scatter
-  from already-verified host memory) run right there, before the forward;
+  from already-verified host memory) start right there, before the forward,
+  whole or layer by layer (loads.py, layer_loads.py);
 - a capture thread gathers kept blocks into host memory, releases them to
   vLLM, then digests and writes the blobs and their catalog rows;
 - a stage thread reads and verifies blobs for pending hits into host memory;
@@ -37,7 +38,8 @@ from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.config import CwmConfig
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.kv_layout import KVLayout, StagingBuffer
-from cwm_connector.layer_loads import LayerwiseLoad, LoadPart
+from cwm_connector.layer_loads import LoadPart
+from cwm_connector.loads import BlockLoader
 from cwm_connector.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
 from cwm_connector.stats import Stats
 from cwm_connector.store import TieredStore
@@ -97,7 +99,6 @@ class CwmWorker:
         self._capturing: set[str] = set()  # requests whose blocks vLLM keeps for us
         self._gathered: set[str] = set()
         self._finished_seen: set[str] = set()
-        self._load_errors: set[int] = set()
         self._report = WorkerReport(rank)
         self._readers = ThreadPoolExecutor(
             NUM_READERS, thread_name_prefix="cwm-read", initializer=_leave_forward_cores
@@ -105,8 +106,9 @@ class CwmWorker:
         self._capture_q: queue.Queue[_Capture | None] = queue.Queue()
         # CUDA: copies run on their own stream, overlapping the forward passes.
         self._copy_stream = torch.cuda.Stream(layout.device) if layout.is_cuda else None
-        self._loads_in_flight: list[tuple[torch.cuda.Event, StagingBuffer]] = []
-        self._layer_load = LayerwiseLoad(layout, self._copy_stream, self._loaded)
+        self.loader = BlockLoader(
+            layout, self.pool, self.stats, self._copy_stream, verify=cfg.verify_restore
+        )
         self._stage_q: queue.Queue[StageJob | None] = queue.Queue()
         self._capture_failing = False  # the last capture failed (logged once it recovers)
         self._catalog_tried = 0.0  # monotonic time of the capture thread's last catalog open
@@ -132,8 +134,7 @@ class CwmWorker:
         the cache, so loads go layer by layer (layer_loads.py); else they are
         complete (CPU) or ordered before the whole forward (CUDA) on return.
         """
-        self._layer_load.finish()
-        self._release_finished_loads()
+        self.loader.step_begins()
         self._expire_staged()
         for job in plan.captures:
             with self._lock:
@@ -147,12 +148,12 @@ class CwmWorker:
                     self._dropped.add(job_id)  # still queued or being staged
         parts = [part for load in plan.loads if (part := self._load_part(load)) is not None]
         if parts:
-            self._load(parts, by_layer)
+            self.loader.load(parts, by_layer)
         self.stats.flush(force=bool(plan.loads))
 
     def wait_for_layer(self, layer_name: str) -> None:
         """Before a layer reads the cache: its blocks of this step's loads are in place."""
-        self._layer_load.wait(layer_name)
+        self.loader.wait_for_layer(layer_name)
 
     def _load_part(self, load: LoadJob) -> LoadPart | None:
         """The staged blocks of one load; the promised ones not in hand are load errors."""
@@ -164,79 +165,12 @@ class CwmWorker:
             # Promised but not in hand: vLLM recomputes these (kv_load_failure_policy).
             missing = len(block_ids) - num
             logger.error("cwm: load job %d lacks %d staged blocks", load.job_id, missing)
-            with self._lock:
-                self._load_errors.update(block_ids[num:])
-            self.stats.add("load_errors", missing)
+            self.loader.add_errors(block_ids[num:])
         if num == 0 or staged is None:
             return None
         return LoadPart(
             load.job_id, block_ids[:num], staged.buffer, staged.digests[:num], staged.prestaged
         )
-
-    def _load(self, parts: list[LoadPart], by_layer: bool) -> None:
-        started = time.perf_counter()
-        try:
-            if by_layer:
-                events = self._layer_load.start(parts)
-                if not events:
-                    return  # CPU: the load thread reports through _loaded
-                done: list[torch.cuda.Event | None] = [events[-1]] * len(parts)
-            else:
-                stream = self._copy_stream
-                done = [self.layout.scatter(p.block_ids, p.buffer, stream) for p in parts]
-        except Exception as exc:
-            if self._copy_stream is not None:
-                self._copy_stream.synchronize()  # nothing may still read a buffer given back
-            self._loaded(parts, exc)
-            return
-        current = torch.cuda.current_stream(self.layout.device) if self.layout.is_cuda else None
-        for part, event in zip(parts, done, strict=True):
-            if event is None:
-                self.pool.give(part.buffer)
-                continue
-            if current is not None and not by_layer:
-                current.wait_event(event)  # the whole forward waits for the copy, on the GPU
-            # The buffer goes back to the pool once the copy finished (a later step).
-            self._loads_in_flight.append((event, part.buffer))
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        logger.info("cwm: loaded %d blocks in %.1f ms", _blocks(parts), elapsed_ms)
-        if self.cfg.verify_restore and done[-1] is not None:
-            done[-1].synchronize()  # a test option: the host reads the restored blocks
-        self._loaded(parts, None, give_back=False)
-
-    def _loaded(
-        self, parts: list[LoadPart], error: BaseException | None, give_back: bool = True
-    ) -> None:
-        """Count (or, on error, report) these loads; give back their buffers if asked."""
-        if give_back:
-            for part in parts:
-                self.pool.give(part.buffer)
-        if error is not None:
-            logger.error(
-                "cwm: scatter failed for load jobs %s: %s", [p.job_id for p in parts], error
-            )
-            with self._lock:
-                for part in parts:
-                    self._load_errors.update(part.block_ids)
-            self.stats.add("load_errors", _blocks(parts))
-            return
-        self.stats.add("loaded_blocks", _blocks(parts))
-        self.stats.add("loaded_prestaged_blocks", _blocks([p for p in parts if p.prestaged]))
-        self.stats.add("loaded_bytes", _blocks(parts) * self.layout.block_bytes)
-        if self.cfg.verify_restore:
-            for part in parts:
-                self._verify_restored(part.block_ids, part.digests)
-
-    def _verify_restored(self, block_ids: Sequence[int], digests: Sequence[bytes]) -> None:
-        buffer = self.pool.take(len(block_ids))
-        self.layout.gather(block_ids, buffer)
-        bad = [i for i, d in enumerate(digests) if digest_segments(buffer.segments(i)) != d]
-        self.pool.give(buffer)
-        self.stats.add("restore_verified_blocks", len(digests) - len(bad))
-        if bad:
-            logger.error("cwm: %d restored blocks differ from their blobs", len(bad))
-            self.stats.add("restore_mismatch_blocks", len(bad))
-            self._load_errors.update(block_ids[i] for i in bad)
 
     def _start_gather(self, job: CaptureJob) -> _Capture:
         """On CUDA, queue the gather on the copy stream now (it overlaps the next forward)."""
@@ -249,16 +183,6 @@ class CwmWorker:
             logger.exception("cwm: gather failed for %s", job.req_id)
             return _Capture(job, buffer, None, failed=True)
         return _Capture(job, buffer, event)
-
-    def _release_finished_loads(self) -> None:
-        """Give back the staging buffers of async loads whose copies completed."""
-        still = []
-        for event, buffer in self._loads_in_flight:
-            if event.query():
-                self.pool.give(buffer)
-            else:
-                still.append((event, buffer))
-        self._loads_in_flight = still
 
     def _release(self, job_id: int) -> _Staged | None:
         staged = self._staged.pop(job_id, None)
@@ -279,14 +203,7 @@ class CwmWorker:
 
     def take_load_errors(self) -> set[int]:
         """Block ids that failed to load since the last call (this step's loads complete)."""
-        self._layer_load.finish()
-        waits, self._layer_load.waits = self._layer_load.waits, 0
-        if waits:
-            self.stats.add("layer_load_waits", waits)
-            self.stats.flush(force=True)
-        with self._lock:
-            errors, self._load_errors = self._load_errors, set()
-        return errors
+        return self.loader.take_errors()
 
     def take_report(self) -> WorkerReport | None:
         """What finished since the last report, or None."""
@@ -630,7 +547,3 @@ def _leading(values: list[bytes | None]) -> list[bytes]:
             break
         out.append(value)
     return out
-
-
-def _blocks(parts: Sequence[LoadPart]) -> int:
-    return sum(len(p.block_ids) for p in parts)

@@ -8,54 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_worker import LAYOUTS, make_caches, make_worker, wait_report
 
 from cwm_connector.catalog import Catalog, catalog_path
-from cwm_connector.config import CwmConfig
 from cwm_connector.errors import CwmError
-from cwm_connector.kv_layout import KVLayout
-from cwm_connector.plans import CaptureJob, LoadJob, StepPlan, WorkerReport
-from cwm_connector.worker import CwmWorker
+from cwm_connector.plans import CaptureJob, LoadJob, StepPlan
 from cwm_connector.worker_channel import WorkerChannels, start_worker_channel
 
 pytestmark = pytest.mark.timeout(60)
-NUM_BLOCKS = 16
-SHAPE = (NUM_BLOCKS, 2, 32, 128)  # the CPU layout
 
 
 def caches(seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        f"layer.{i}": torch.randn(SHAPE, generator=gen, dtype=torch.float32).to(torch.bfloat16)
-        for i in range(2)
-    }
-
-
-def worker_on(store: Path, kv: dict[str, torch.Tensor], **cfg: object) -> CwmWorker:
-    Catalog(catalog_path(store)).register_fingerprint("fp", "engine", "{}")
-    return CwmWorker(CwmConfig(store_dir=str(store), **cfg), "fp", KVLayout(kv, NUM_BLOCKS), 0)
-
-
-def wait_for(worker: CwmWorker, key: str, job_id: int | None = None) -> WorkerReport:
-    merged = WorkerReport(rank=0)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        report = worker.take_report()
-        if report is not None:
-            merged.staged.update(report.staged)
-            merged.stored += report.stored
-        if (key == "stored" and len(merged.stored) >= 3) or (
-            key == "staged" and job_id in merged.staged
-        ):
-            return merged
-        time.sleep(0.01)
-    raise AssertionError(f"no {key} report: {merged}")
+    return make_caches(LAYOUTS["cpu"], seed)
 
 
 def captured_store(store: Path, hashes: list[bytes]) -> dict[str, torch.Tensor]:
     source = caches(seed=1)
-    writer = worker_on(store, source)
+    writer = make_worker(store, source)
     writer.submit(StepPlan(captures=[CaptureJob("req", [2, 4, 6], hashes)]))
-    wait_for(writer, "stored")
+    wait_report(writer, lambda r: len(r.stored) >= 3)
     writer.shutdown()
     return source
 
@@ -64,7 +35,7 @@ def test_prestaged_job_restores_from_memory_even_if_the_disk_loses_them(tmp_path
     hashes = [b"h1", b"h2", b"h3"]
     source = captured_store(tmp_path, hashes)
     target = caches(seed=2)
-    worker = worker_on(tmp_path, target, verify_restore=True)
+    worker = make_worker(tmp_path, target, verify_restore=True)
     sock = Path(tempfile.mkdtemp(dir="/tmp")) / "control.sock.rank0"
     channel = start_worker_channel(sock, worker)
     assert channel is not None
@@ -90,7 +61,7 @@ def test_prestaged_job_restores_from_memory_even_if_the_disk_loses_them(tmp_path
 def test_prestage_reports_corrupt_and_unknown_blocks(tmp_path: Path) -> None:
     hashes = [b"a1", b"a2", b"a3"]
     captured_store(tmp_path, hashes)
-    worker = worker_on(tmp_path, caches(seed=3))
+    worker = make_worker(tmp_path, caches(seed=3))
     digest = Catalog(catalog_path(tmp_path)).digests_for("fp", [b"a2"])[b"a2"]
     path = worker.disk.path_for(digest)
     data = bytearray(path.read_bytes())
@@ -106,7 +77,7 @@ def test_prestage_reports_corrupt_and_unknown_blocks(tmp_path: Path) -> None:
 def test_an_unused_prestaged_job_is_released_after_thaw_pin_s(tmp_path: Path) -> None:
     hashes = [b"e1", b"e2", b"e3"]
     captured_store(tmp_path, hashes)
-    worker = worker_on(tmp_path, caches(seed=5), thaw_pin_s=0.2)
+    worker = make_worker(tmp_path, caches(seed=5), thaw_pin_s=0.2)
     assert worker.prestage(hashes, job_id=7)["staged"] == 3
     assert worker._staged_bytes == 3 * worker.layout.block_bytes
     time.sleep(0.3)
@@ -119,7 +90,7 @@ def test_an_unused_prestaged_job_is_released_after_thaw_pin_s(tmp_path: Path) ->
 
 
 def test_channel_refuses_bad_arguments_and_unknown_ops(tmp_path: Path) -> None:
-    worker = worker_on(tmp_path, caches(seed=4))
+    worker = make_worker(tmp_path, caches(seed=4))
     sock = Path(tempfile.mkdtemp(dir="/tmp")) / "control.sock.rank0"
     channel = start_worker_channel(sock, worker)
     assert channel is not None

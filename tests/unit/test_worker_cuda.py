@@ -86,5 +86,5 @@ def test_async_capture_and_load_round_trip_on_cuda(
         assert reader.stats.snapshot()["layer_load_waits"] == len(source)
     assert reader.stats.snapshot()["restore_verified_blocks"] == len(hashes)
     reader.submit(StepPlan())  # the next step gives the load's staging buffer back
-    assert reader._loads_in_flight == []
+    assert reader.loader.in_flight == []
     reader.shutdown()
