@@ -1,15 +1,17 @@
-"""Restore TTFT with layer-by-layer loads on and off, two servers side by side, interleaved.
+"""Restore TTFT with layer-by-layer loads on and off, one server at a time, in ABBA order.
 
 Layer by layer (`layerwise_load`), each attention layer waits only for its own
 restored blocks, so the first layers compute while later ones are still being
 copied; off, the whole load ends before the forward starts. Same model, same
-store contents, same prompts; the two servers take turns so drift hits both:
+store contents, same prompts:
 
 1. server A captures one salted prompt per window and freezes it;
-2. servers "off" and "on" start on two copies of that store; for each round and
-   each server: `thaw` the window (its blocks staged in host memory, so the
-   measure is the scatter and the forward, not the disk), reset vLLM's prefix
-   cache, send the prompt: TTFT, external hits and the first token are checked.
+2. four servers, one after the other, on copies of that store: off, on, on, off
+   (ABBA, so a linear drift hits both settings alike; two engines side by side
+   on a small machine disturb each other's timings). Each runs rounds/2
+   restores: `thaw` the window (its blocks staged in host memory, so the measure
+   is the scatter and the forward, not the disk), reset vLLM's prefix cache,
+   send the prompt; TTFT, external hits and the first token are checked.
 
     .venv/bin/python benchmarks/bench_layerwise.py [--layers 16 --prompt-tokens 4000]
 """
@@ -27,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import torch
 from bench_restore import BLOCK, HITS, Bench, first_token, model_spec, wait_durable, wait_metric
 
 from cwm_connector.client import ControlClient
@@ -35,14 +36,13 @@ from cwm_connector.tiny_model import build_tiny_model, count_parameters
 from cwm_connector.vllm_process import VllmServer, kv_transfer_config
 
 MODES = ("off", "on")
-# Two servers share one GPU: each takes part of its memory (ignored on the CPU).
-SIDE_BY_SIDE = ["--gpu-memory-utilization", "0.4"] if torch.cuda.is_available() else []
+ORDER = ("off", "on", "on", "off")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = {"layers": 16, "hidden": 1024, "heads": 16, "kv-heads": 8, "intermediate": 2816,
-            "vocab": 32000, "prompt-tokens": 4000, "windows": 2, "rounds": 6, "kv-cache-gb": 2,
+            "vocab": 32000, "prompt-tokens": 4000, "windows": 2, "rounds": 12, "kv-cache-gb": 2,
             "durable-timeout-s": 300}  # fmt: skip
     for flag, default in ints.items():
         p.add_argument(f"--{flag}", type=int, default=default)
@@ -67,7 +67,6 @@ def main() -> int:
     args.repeats = args.windows  # Bench makes one prompt per repeat
     spec = model_spec(args)
     work = Path(tempfile.mkdtemp(prefix="cwm-layerwise-"))
-    servers: dict[str, VllmServer] = {}
     try:
         model = str(build_tiny_model(work / "model", spec))
         bench = Bench(args, model, work)
@@ -83,30 +82,33 @@ def main() -> int:
                 ControlClient(store / "control.sock").call("freeze", salt=salt, name=f"w{k}")
         finally:
             a.stop()
-        stores = {}
-        for mode in MODES:
-            stores[mode] = work / f"store-{mode}"
-            shutil.copytree(store, stores[mode], ignore=shutil.ignore_patterns("*.sock*", "stats"))
-            cfg = {"store_dir": str(stores[mode]), "layerwise_load": mode}
-            servers[mode] = bench.server(mode, kv_transfer_config(cfg), SIDE_BY_SIDE)
-            servers[mode].env = {"VLLM_SERVER_DEV_MODE": "1"}
-            bench.started(servers[mode])
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
-        for r in range(args.rounds):
-            k = r % args.windows
-            for mode in MODES if r % 2 == 0 else MODES[::-1]:
-                run = restore(servers[mode], stores[mode], bench, k, salts[k])
-                run["token_ok"] = run.pop("first") == reference[k]
-                runs[mode].append(run)
+        waits = 0
+        for block, mode in enumerate(ORDER):
+            copy = work / f"store-{block}"
+            shutil.copytree(store, copy, ignore=shutil.ignore_patterns("*.sock*", "stats"))
+            cfg = {"store_dir": str(copy), "layerwise_load": mode}
+            server = bench.server(f"{block}-{mode}", kv_transfer_config(cfg))
+            server.env = {"VLLM_SERVER_DEV_MODE": "1"}
+            try:
+                bench.started(server)
+                for r in range(args.rounds // 2):
+                    k = r % args.windows
+                    run = restore(server, copy, bench, k, salts[k])
+                    run["token_ok"] = run.pop("first") == reference[k]
+                    runs[mode].append(run)
+            finally:
+                server.stop()
+            stats = json.loads((copy / "stats" / "worker-rank0.json").read_text())
+            waits += stats.get("layer_load_waits", 0)
         ttft = {m: statistics.median(x["ttft_s"] for x in runs[m]) for m in MODES}
-        waits = json.loads((stores["on"] / "stats" / "worker-rank0.json").read_text())
         result = {
             "config": {**vars(args), "out": str(args.out), "num_parameters": count_parameters(spec),
                        "loadavg_end": os.getloadavg()},
             "durable": durable,
             "restore_s": ttft,
             "on_vs_off": ttft["on"] / ttft["off"],
-            "layer_load_waits_on": waits.get("layer_load_waits", 0),
+            "layer_load_waits_on": waits,
             "checks": {m: all(x["hits_ok"] and x["token_ok"] for x in runs[m]) for m in MODES},
             "runs": runs,
         }  # fmt: skip
@@ -118,8 +120,6 @@ def main() -> int:
               f"layer waits {result['layer_load_waits_on']}")  # fmt: skip
         return 0 if all(result["checks"].values()) else 1
     finally:
-        for server in servers.values():
-            server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
