@@ -1,18 +1,10 @@
-"""The host-memory tier: byte budget, LRU order, pins (pure, no vLLM)."""
+"""The host-memory tier: byte budget and LRU order (pure, no vLLM)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from cwm_connector.tier_memory import MemoryTier
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def blob(seed: int, size: int = 100) -> np.ndarray:
@@ -39,31 +31,14 @@ def test_budget_is_never_exceeded_and_lru_goes_first() -> None:
         assert tier.nbytes <= 350
 
 
-def test_pinned_blobs_survive_pressure_until_unpinned_or_expired() -> None:
-    clock = Clock()
-    tier = MemoryTier(budget_bytes=300, clock=clock)
-    assert tier.put(key(0), blob(0), pin_s=60)
-    assert tier.put(key(1), blob(1), pin_s=60)
-    assert tier.put(key(2), blob(2))
-    assert tier.put(key(3), blob(3))  # evicts the unpinned 2, not the older pinned ones
-    assert tier.contains(key(0)) and tier.contains(key(1)) and not tier.contains(key(2))
-    assert tier.num_pinned() == 2
-    tier.unpin([key(0)])
-    assert tier.put(key(4), blob(4))
-    assert not tier.contains(key(0)) and tier.contains(key(1))
-    clock.now += 61  # the pin of 1 expired
-    assert tier.put(key(5), blob(5)) and tier.put(key(6), blob(6))
-    assert not tier.contains(key(1))
-    assert tier.nbytes <= 300
-
-
 def test_a_put_that_cannot_fit_is_refused_and_loses_nothing() -> None:
     tier = MemoryTier(budget_bytes=250)
-    assert tier.put(key(0), blob(0), pin_s=60)
-    assert tier.put(key(1), blob(1), pin_s=60)
-    assert not tier.put(key(2), blob(2))  # only pinned entries: no room
+    assert tier.put(key(0), blob(0)) and tier.put(key(1), blob(1))
     assert not tier.put(key(3), blob(3, size=1000))  # larger than the whole budget
     assert tier.contains(key(0)) and tier.contains(key(1)) and tier.nbytes == 200
+    assert tier.evictions == 0
     assert not tier.put(key(0), blob(0, size=400))  # a refused replacement keeps the old bytes
     np.testing.assert_array_equal(tier.get(key(0)), blob(0))
-    assert tier.delete(key(0)) and not tier.delete(key(0)) and tier.nbytes == 100
+    assert tier.put(key(0), blob(0, size=160))  # a replacement that fits evicts the oldest
+    assert not tier.contains(key(1)) and tier.nbytes == 160
+    assert tier.delete(key(0)) and not tier.delete(key(0)) and tier.nbytes == 0
