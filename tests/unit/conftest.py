@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_mcp_server import FakeConnector, FakeVllm
+from mcp_fakes import FakeConnector, FakeVllm
 
 from cwm_connector.control import ControlServer
 

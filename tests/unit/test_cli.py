@@ -1,7 +1,7 @@
 """The `cwm` CLI: command line -> control op mapping, output modes and exit codes.
 
 `cli.main` runs in process against a real ControlServer on a temp socket, served by
-the FakeConnector of test_mcp_server.py (same op signatures); thaw --warm/--continue
+the FakeConnector of mcp_fakes.py (same op signatures); thaw --warm/--continue
 and health talk to its FakeVllm HTTP server.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_mcp_server import (
+from mcp_fakes import (
     DIGESTS,
     PROMETHEUS_TEXT,
     REPO_ROOT,
