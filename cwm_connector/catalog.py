@@ -5,130 +5,32 @@ fsyncs first), so a crash can leave an orphan blob but never a dangling row.
 Each thread opens its own Catalog; WAL mode lets the scheduler read while a
 worker writes.
 
-A catalog that cannot be opened (garbage over the file, locked by another
-process, an unreadable disk) never raises into vLLM: the Catalog is then
-*unavailable*. One clear error is logged per process; block lookups answer
-"not stored" (a miss: tokens are recomputed), writes and window reads raise
-CatalogUnavailable, which the control ops return as a structured error. Opening
-an up-to-date catalog writes nothing, so a writer lock held elsewhere does not
-stop reads (WAL).
+A catalog that cannot be opened (catalog_db.py) never raises into vLLM: the
+Catalog is then *unavailable*. Block lookups answer "not stored" (a miss:
+tokens are recomputed), writes and window reads raise CatalogUnavailable, which
+the control ops return as a structured error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sqlite3
-import threading
 import time
-import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from cwm_connector.catalog_db import (
+    MAX_SQL_VARS,
+    CatalogUnavailable,
+    Transaction,
+    catalog_path,
+    open_db,
+)
 from cwm_connector.errors import StoreError
 
+__all__ = ["Catalog", "CatalogUnavailable", "catalog_path"]
+
 logger = logging.getLogger("vllm.cwm.catalog")
-
-SCHEMA_VERSION = "1"
-CATALOG_FILE = "catalog.sqlite"
-MAX_SQL_VARS = 500  # hashes per IN (...) query
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS fingerprints (
-    fp_id TEXT PRIMARY KEY,
-    engine_fp TEXT NOT NULL,
-    doc TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS fingerprints_engine ON fingerprints (engine_fp);
-CREATE TABLE IF NOT EXISTS blobs (
-    digest BLOB PRIMARY KEY,
-    raw_bytes INTEGER NOT NULL,
-    stored_bytes INTEGER NOT NULL,
-    codec TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS blocks (
-    fp_id TEXT NOT NULL,
-    block_hash BLOB NOT NULL,
-    digest BLOB NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (fp_id, block_hash)
-);
-CREATE INDEX IF NOT EXISTS blocks_digest ON blocks (digest);
-CREATE TABLE IF NOT EXISTS windows (
-    name TEXT PRIMARY KEY,
-    salt TEXT NOT NULL,
-    engine_fp TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    token_ids BLOB NOT NULL,
-    num_tokens INTEGER NOT NULL,
-    created REAL NOT NULL,
-    parent TEXT,
-    description TEXT NOT NULL DEFAULT '',
-    tags TEXT NOT NULL DEFAULT '[]'
-);
-CREATE TABLE IF NOT EXISTS window_blocks (
-    name TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    block_hash BLOB NOT NULL,
-    digest BLOB NOT NULL,
-    PRIMARY KEY (name, idx)
-);
-CREATE INDEX IF NOT EXISTS window_blocks_digest ON window_blocks (digest);
-"""
-
-
-# window columns added after schema version 1 (description and tags: issue 8)
-WINDOW_COLUMNS_ADDED = {
-    "description": "TEXT NOT NULL DEFAULT ''",
-    "tags": "TEXT NOT NULL DEFAULT '[]'",
-}
-
-
-def _chunks(items: Sequence[bytes], size: int = MAX_SQL_VARS) -> Iterable[Sequence[bytes]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def catalog_path(store_dir: Path) -> Path:
-    """Where the catalog of a store lives."""
-    return store_dir / CATALOG_FILE
-
-
-class CatalogUnavailable(StoreError):
-    """The catalog cannot be opened or written (corrupt, locked, unwritable)."""
-
-    code = "catalog_unavailable"
-
-
-_logged_paths: set[tuple[str, int]] = set()
-_logged_lock = threading.Lock()
-
-
-def _log_once(path: Path, message: str, level: int = logging.ERROR) -> None:
-    """Log an unusable catalog once per process and path (every thread opens its own)."""
-    with _logged_lock:
-        first = (str(path), level) not in _logged_paths
-        _logged_paths.add((str(path), level))
-    logger.log(level if first else logging.DEBUG, "cwm: %s", message)
-
-
-def _explain(path: Path, exc: BaseException) -> str:
-    """One clear sentence for an unusable catalog."""
-    text = str(exc)
-    if "locked" in text or "busy" in text:
-        cause = f"it is locked by another process ({text})"
-    elif isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
-        cause = f"it is corrupt ({text}); move it aside to start an empty catalog"
-    else:
-        cause = f"it cannot be opened ({text})"
-    return (
-        f"catalog {path} is unavailable: {cause}. cwm restores and captures nothing "
-        "until it is fixed; vLLM serves on and recomputes"
-    )
 
 
 class Catalog:
@@ -136,62 +38,10 @@ class Catalog:
 
     def __init__(self, path: Path, timeout_s: float = 5.0):
         self.path = path
-        self.error: str | None = None  # set when the catalog is unavailable
-        self.read_only = False  # opened read-only: the store is not writable
-        self._conn: sqlite3.Connection | None = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(path), timeout=timeout_s, isolation_level=None)
-        except (sqlite3.Error, OSError) as exc:
-            self._fail(exc)
-            return
-        try:
-            self._open(conn)
-        except (sqlite3.Error, OSError) as exc:
-            conn.close()
-            if not self._open_read_only():
-                self._fail(exc)
-            return
-        self._conn = conn
-
-    def _open_read_only(self) -> bool:
-        """On an unwritable store, open the catalog read-only: restores work, capture is off."""
-        if not self.path.exists() or os.access(self.path.parent, os.W_OK):
-            return False
-        uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro&immutable=1"
-        try:
-            conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-            if not _is_current(conn):
-                conn.close()
-                return False
-        except sqlite3.Error:
-            return False
-        self.read_only = True
-        self._conn = conn
-        _log_once(
-            self.path,
-            f"catalog {self.path} is read-only (the store is not writable): restores work, "
-            "cwm captures nothing until it is writable again",
-            logging.WARNING,
-        )
-        return True
-
-    def _fail(self, exc: BaseException) -> None:
-        self.error = _explain(self.path, exc)
-        _log_once(self.path, self.error)
-
-    def _open(self, conn: sqlite3.Connection) -> None:
-        """Set WAL mode; create or migrate the schema only when it is not current."""
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        if _is_current(conn):
-            return  # nothing to write: a lock held by another process still allows reads
-        conn.executescript(SCHEMA)
-        self._migrate(conn)
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (SCHEMA_VERSION,),
-        )
+        opened = open_db(path, timeout_s)
+        self._conn: sqlite3.Connection | None = opened.conn
+        self.read_only = opened.read_only  # opened read-only: the store is not writable
+        self.error = opened.error  # set when the catalog is unavailable
 
     @property
     def ok(self) -> bool:
@@ -208,14 +58,6 @@ class Catalog:
         if self._conn is None:
             raise CatalogUnavailable(self.error or f"catalog {self.path} is closed")
         return self._conn
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        """Add the columns later versions introduced to a catalog made by an earlier one."""
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(windows)")}
-        for column, ddl in WINDOW_COLUMNS_ADDED.items():
-            if column not in columns:
-                conn.execute(f"ALTER TABLE windows ADD COLUMN {column} {ddl}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -457,54 +299,10 @@ class Catalog:
         ).fetchone()
         return {"blocks": blocks, "blobs": blobs, "raw_bytes": raw, "stored_bytes": stored}
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _transaction(self) -> Transaction:
+        return Transaction(self._db)
 
 
-def _is_current(conn: sqlite3.Connection) -> bool:
-    """Whether the schema is complete and migrated (then opening needs no write)."""
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if not {"meta", "fingerprints", "blobs", "blocks", "windows", "window_blocks"} <= tables:
-        return False
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(windows)")}
-    if not set(WINDOW_COLUMNS_ADDED) <= columns:
-        return False
-    version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    return version is not None
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error.
-
-    SQLite errors (locked by another process, disk full, read-only) become
-    CatalogUnavailable: a structured, retryable store error, never a crash.
-    """
-
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
-
-    def __enter__(self) -> None:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _unavailable("cannot start a catalog write", exc) from exc
-
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        if exc_type is None:
-            try:
-                self._db.execute("COMMIT")
-                return
-            except sqlite3.Error as err:
-                exc = err
-        if self._db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):  # the original error says more
-                self._db.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error):
-            raise _unavailable("catalog write failed", exc) from exc
-
-
-def _unavailable(what: str, exc: sqlite3.Error) -> CatalogUnavailable:
-    text = str(exc)
-    if "locked" in text or "busy" in text:
-        text = f"the catalog is locked by another process ({text})"
-    return CatalogUnavailable(f"{what}: {text}", retryable=True)
+def _chunks(items: Sequence[bytes], size: int = MAX_SQL_VARS) -> Iterable[Sequence[bytes]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
