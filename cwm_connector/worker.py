@@ -9,9 +9,8 @@ Threads:
 - a stage thread reads and verifies blobs for pending hits into host memory;
 - prestage requests (a thaw, through the worker channel) read, verify and pin
   a window's blobs in the memory tier, so the next request stages by memcpy;
-- at start, rank 0 checks every catalogued blob file once (exists, header,
-  length) and drops the rows of missing or broken ones (a crash or a hand
-  on the disk), so nothing is counted as stored that is not there.
+- at start, rank 0 checks every catalogued blob file once and drops the rows
+  of missing or broken ones (store_check.py).
 Every storage error is logged, counted and turned into a miss. A capture is
 all or nothing: when a write fails (disk full, read-only, catalog locked) the
 blobs it wrote are removed again and its blocks are reported as not stored.
@@ -43,6 +42,7 @@ from cwm_connector.loads import BlockLoader
 from cwm_connector.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
 from cwm_connector.stats import Stats
 from cwm_connector.store import TieredStore
+from cwm_connector.store_check import check_store
 from cwm_connector.tier_disk import DiskTier
 from cwm_connector.tier_memory import MemoryTier
 
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.cwm.worker")
 
 NUM_READERS = 2  # parallel blob reads while staging
-RECHECK_S = 0.5  # the start-up check looks at a bad-looking blob again after this
 CATALOG_RETRY_S = 10.0  # an unavailable catalog is reopened at most this often (capture)
 PREWARM_BYTES = 256 << 20  # staging memory prefaulted at start (fresh pages cost more than a copy)
 
@@ -223,43 +222,10 @@ class CwmWorker:
 
     # -- capture thread ----------------------------------------------------
     def _check_store(self) -> None:
-        """Drop catalog rows whose blob file is missing or broken (start-up, background)."""
         _leave_forward_cores()
-        catalog = Catalog(self.catalog_path)
-        if not catalog.writable:
-            catalog.close()
-            return
-        checked = 0
-        bad: list[tuple[bytes, str]] = []
-        try:
-            for rows in catalog.blob_rows():
-                for dig, codec in rows:
-                    held_elsewhere = self.store.redis is not None and not self.disk.contains(dig)
-                    if codec == "redis" or held_elsewhere:
-                        continue  # Redis holds it, not this disk
-                    checked += 1
-                    problem = self.disk.check(dig)
-                    if problem is not None:
-                        bad.append((dig, problem))
-            if bad:  # look again: a file being replaced right now is not damage
-                time.sleep(RECHECK_S)
-                bad = [(dig, p) for dig, _ in bad if (p := self.disk.check(dig)) is not None]
-            for dig, problem in bad:
-                block = catalog.block_of(dig)
-                catalog.forget_blob(dig)
-                if problem == "corrupt":
-                    self.disk.quarantine(dig)
-                self.stats.add("missing_blobs" if problem == "missing" else "digest_errors")
-                logger.error(
-                    "cwm: start-up check: blob %s of block %s is %s; its catalog rows are "
-                    "dropped (those tokens will be recomputed)",
-                    dig.hex(), block.hex()[:16] if block else "-", problem,
-                )  # fmt: skip
-        except (CwmError, OSError) as exc:
-            logger.error("cwm: start-up check of the store stopped: %s", exc)
-        finally:
-            catalog.close()
-        logger.info("cwm: start-up check: %d blobs, %d dropped", checked, len(bad))
+        check_store(
+            self.catalog_path, self.disk, self.stats, skip_absent=self.store.redis is not None
+        )
         self._flush_stats()
 
     def _capture_catalog(self, catalog: Catalog) -> Catalog:
