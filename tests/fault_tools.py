@@ -1,4 +1,5 @@
-"""Fault injection shared by the fault-matrix tests: a SQLite lock held by another process."""
+"""Fault injection shared by the fault-matrix tests: a SQLite lock held by another process,
+a small real filesystem that fills up."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 LOCKER = """
 import sqlite3, sys
@@ -29,3 +32,19 @@ def locked(path: Path) -> Iterator[None]:
     finally:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` at path; skips only if this machine refuses the mount."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from e2e_tools import BLOCK, EXTERNAL_HITS, cwm, metric_at_least, outputs, server
-from fault_tools import locked
+from fault_tools import locked, tmpfs
 
 from cwm_connector.stats import read_stats
 from cwm_connector.tier_disk import DiskTier
@@ -222,22 +222,6 @@ def test_locked_and_corrupt_catalog_serve_correct_replies(tiny_model: Path, tmp_
         srv.stop()
     log = (tmp_path / "E.log").read_text()
     assert "is unavailable: it is corrupt" in log and "cwm_connector/" not in log
-
-
-@contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A real tmpfs of `size` at path; skips only if this machine refuses the mount."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @contextmanager

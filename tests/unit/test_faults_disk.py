@@ -12,13 +12,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from fault_tools import locked
+from fault_tools import locked, tmpfs
 
 from cwm_connector import worker as worker_module
 from cwm_connector.catalog import Catalog, CatalogUnavailable, catalog_path
@@ -67,22 +65,6 @@ def capture(worker: CwmWorker, req: str, hashes: list[bytes], ids: list[int]) ->
 def leftovers(store: Path) -> list[Path]:
     """Blob and temp files in a store."""
     return sorted([*store.glob("blobs/**/*.blob"), *store.glob("tmp/*"), *store.glob("**/*.tmp")])
-
-
-@contextmanager
-def small_fs(path: Path, size: str = "2m") -> Iterator[Path]:
-    """A real tmpfs of `size` at path; skips only if this machine refuses the mount."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def remount(path: Path, mode: str) -> None:
@@ -229,7 +211,7 @@ def test_start_up_check_drops_rows_of_missing_and_truncated_blobs(tmp_path: Path
 
 
 def test_disk_full_capture_keeps_nothing_then_resumes(tmp_path: Path) -> None:
-    with small_fs(tmp_path / "store") as store:
+    with tmpfs(tmp_path / "store", "2m") as store:
         worker = make_worker(store)
         try:
             filler = fill(store, keep_free=64 << 10)  # room for one blob, not three
@@ -252,7 +234,7 @@ def test_read_only_store_starts_captures_nothing_then_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(worker_module, "CATALOG_RETRY_S", 0.0)  # reopen at once, not in 10 s
-    with small_fs(tmp_path / "store") as store:
+    with tmpfs(tmp_path / "store", "2m") as store:
         first = make_worker(store)
         assert capture(first, "r0", [b"h0"], [0]).stored == [b"h0"]
         first.shutdown()
