@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cwm_connector import blob
-from cwm_connector.tier_disk import DiskTier
+from cwm_connector.store import blob
+from cwm_connector.store.disk import DiskTier
 
 
 def load_raw_blobs(store: Path) -> list[bytes]:

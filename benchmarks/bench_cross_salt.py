@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from e2e_tools import EXTERNAL_HITS, server
 
-from cwm_connector.tiny_model import build_tiny_model, make_prompt
-from cwm_connector.vllm_process import VllmServer
+from cwm_connector.demo.tiny_model import build_tiny_model, make_prompt
+from cwm_connector.demo.vllm_process import VllmServer
 
 CONDITIONS = ("other_salt_has_prefix", "nobody_has_prefix", "own_salt_hit")
 

@@ -31,9 +31,9 @@ from typing import Any
 import requests
 from bench_restore import BLOCK, HITS, Bench, first_token, model_spec, wait_durable, wait_metric
 
-from cwm_connector.client import ControlClient
-from cwm_connector.tiny_model import build_tiny_model, count_parameters
-from cwm_connector.vllm_process import VllmServer, kv_transfer_config
+from cwm_connector.control.client import ControlClient
+from cwm_connector.demo.tiny_model import build_tiny_model, count_parameters
+from cwm_connector.demo.vllm_process import VllmServer, kv_transfer_config
 
 MODES = ("off", "on")
 ORDER = ("off", "on", "on", "off")

@@ -1,6 +1,6 @@
 """TTFT benchmark: cold prefill vs prefix hit vs cwm restore after a vLLM restart.
 
-Runs real `vllm serve` processes (see cwm_connector.vllm_process) on a random-weight
+Runs real `vllm serve` processes (see cwm_connector.demo.vllm_process) on a random-weight
 Llama built on the spot; see benchmarks/README.md for what each number means.
 """
 
@@ -19,8 +19,13 @@ from typing import Any
 
 import requests
 
-from cwm_connector.tiny_model import TinyModelSpec, build_tiny_model, count_parameters, make_prompt
-from cwm_connector.vllm_process import VllmServer, kv_transfer_config
+from cwm_connector.demo.tiny_model import (
+    TinyModelSpec,
+    build_tiny_model,
+    count_parameters,
+    make_prompt,
+)
+from cwm_connector.demo.vllm_process import VllmServer, kv_transfer_config
 
 BLOCK = 32  # tokens per KV block (VllmServer.block_size)
 HITS = "vllm:external_prefix_cache_hits_total"

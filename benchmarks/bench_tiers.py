@@ -43,15 +43,15 @@ from bench_restore import (
 )
 from redis_servers import RedisServer
 
-from cwm_connector import blob
-from cwm_connector.client import ControlClient
-from cwm_connector.tier_disk import DiskTier
-from cwm_connector.tiny_model import (
+from cwm_connector.control.client import ControlClient
+from cwm_connector.demo.tiny_model import (
     build_tiny_model,
     count_parameters,
     make_prompt,
 )
-from cwm_connector.vllm_process import VllmServer, kv_transfer_config
+from cwm_connector.demo.vllm_process import VllmServer, kv_transfer_config
+from cwm_connector.store import blob
+from cwm_connector.store.disk import DiskTier
 
 PHASES = ("disk", "memory", "disk_zstd", "redis")
 

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cwm_connector.client import ControlClient
+from cwm_connector.control.client import ControlClient
+from cwm_connector.demo.tiny_model import build_tiny_model, make_prompt
+from cwm_connector.demo.vllm_process import VllmServer, kv_transfer_config
 from cwm_connector.errors import CwmError
 from cwm_connector.stats import read_stats
-from cwm_connector.tiny_model import build_tiny_model, make_prompt
-from cwm_connector.vllm_process import VllmServer, kv_transfer_config
 
 BLOCK = 32
 HITS = "vllm:external_prefix_cache_hits_total"

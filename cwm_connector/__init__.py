@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CWMConnector", "register"]
-__version__ = "0.1.0"
+from cwm_connector.version import __version__
+
+__all__ = ["CWMConnector", "__version__", "register"]
 
 CONNECTOR_NAME = "CWMConnector"
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cwm_connector.client import ControlClient, Unavailable, default_socket_path
+from cwm_connector.control.client import ControlClient, Unavailable, default_socket_path
 from cwm_connector.errors import CwmError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mcp_args += ["--http", str(args.http), "--host", args.host]
         return int(mcp_main(mcp_args) or 0)
     if args.command == "demo":
-        from cwm_connector.demo import main as demo_main
+        from cwm_connector.demo.run import main as demo_main
 
         return demo_main(["--model", args.model] if args.model else [])
     if args.command == "status" and (args.name is None) == (args.session is None):

@@ -26,30 +26,30 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from cwm_connector.auto_freeze import AutoFreezePolicy, AutoFreezer
-from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.config import CwmConfig
-from cwm_connector.control import ControlServer
-from cwm_connector.errors import CwmError
-from cwm_connector.fingerprint import (
+from cwm_connector.control.server import ControlServer
+from cwm_connector.control.worker_channel import ThawStager, WorkerChannels, start_worker_channel
+from cwm_connector.engine.auto_freeze import AutoFreezePolicy, AutoFreezer
+from cwm_connector.engine.fingerprint import (
     canonical_id,
     canonical_json,
     engine_fingerprint,
     full_fingerprint,
     hash_chain_stable,
 )
-from cwm_connector.hash_chain import block_hash_chain
-from cwm_connector.plans import StepPlan, WorkerReport
-from cwm_connector.prom import CwmPromMetrics, CwmStats, DeltaTracker
-from cwm_connector.scheduler import CwmScheduler
-from cwm_connector.sessions import SessionTable
+from cwm_connector.engine.hash_chain import block_hash_chain
+from cwm_connector.engine.plans import StepPlan, WorkerReport
+from cwm_connector.engine.prom import CwmPromMetrics, CwmStats, DeltaTracker
+from cwm_connector.engine.scheduler import CwmScheduler
+from cwm_connector.engine.sessions import SessionTable
+from cwm_connector.engine.worker import CwmWorker
+from cwm_connector.errors import CwmError
 from cwm_connector.stats import Stats, read_stats
-from cwm_connector.store import TieredStore
-from cwm_connector.tier_disk import DiskTier
-from cwm_connector.tier_memory import MemoryTier
-from cwm_connector.windows import WindowService
-from cwm_connector.worker import CwmWorker
-from cwm_connector.worker_channel import ThawStager, WorkerChannels, start_worker_channel
+from cwm_connector.store.catalog import Catalog, catalog_path
+from cwm_connector.store.disk import DiskTier
+from cwm_connector.store.memory import MemoryTier
+from cwm_connector.store.tiered import TieredStore
+from cwm_connector.windows.service import WindowService
 
 if TYPE_CHECKING:
     import torch
@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-    from cwm_connector.tier_redis import RedisTier
-    from cwm_connector.window_share import SharedWindows
+    from cwm_connector.store.redis import RedisTier
+    from cwm_connector.windows.share import SharedWindows
 
 logger = logging.getLogger("vllm.cwm")
 SCHEDULER_REDIS_TIMEOUT_S = 0.1
@@ -235,7 +235,7 @@ class CWMConnector(KVConnectorBase_V1):
         store = TieredStore(MemoryTier(1), disk, redis, Stats(None), promote=False)
         if redis is None:
             return store, None
-        from cwm_connector.window_share import SharedWindows
+        from cwm_connector.windows.share import SharedWindows
 
         block_size = self._block_size
         algo = vllm_config.cache_config.prefix_caching_hash_algo
@@ -263,7 +263,7 @@ class CWMConnector(KVConnectorBase_V1):
     # -- worker side -------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Learn the KV layout, register this worker's fingerprint, start the threads."""
-        from cwm_connector.kv_layout import KVLayout
+        from cwm_connector.engine.kv_layout import KVLayout
 
         num_blocks = self._kv_cache_config.num_blocks
         layout = KVLayout(kv_caches, num_blocks, backend=self.cfg.copy_backend)
@@ -411,7 +411,7 @@ class CWMConnector(KVConnectorBase_V1):
 
         def run() -> None:
             try:
-                self._service.auto_freeze(salt, num_tokens, name=name)
+                self._service.admin.auto_freeze(salt, num_tokens, name=name)
                 self._auto_freezes += 1
                 logger.info("cwm: auto-froze a session at %d tokens as %r", num_tokens, name)
             except CwmError as exc:
@@ -474,7 +474,7 @@ def _redis_tier(url: str, **kwargs: Any) -> RedisTier | None:
     """The Redis tier of a redis_url (None when unset)."""
     if not url:
         return None
-    from cwm_connector.tier_redis import RedisTier
+    from cwm_connector.store.redis import RedisTier
 
     return RedisTier(url, **kwargs)
 

@@ -19,7 +19,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.types import ToolAnnotations
 
 from cwm_connector import __version__
-from cwm_connector.client import ControlClient, default_socket_path
+from cwm_connector.control.client import ControlClient, default_socket_path
 from cwm_mcp.resources import add_resources
 from cwm_mcp.tools import WindowTools
 from cwm_mcp.vllm_api import VllmApi, default_vllm_url

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field, ValidationError
 
-from cwm_connector.client import ControlClient
+from cwm_connector.control.client import ControlClient
 from cwm_connector.errors import CwmError
 from cwm_mcp.health import health_report
 from cwm_mcp.models import (

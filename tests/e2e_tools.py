@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cwm_connector.vllm_process import VllmServer, kv_transfer_config
+from cwm_connector.demo.vllm_process import VllmServer, kv_transfer_config
 
 BLOCK = 32
 EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from cwm_connector import gpu_copy, native_ext
-from cwm_connector.kv_layout import KVLayout, StagingBuffer
+from cwm_connector.engine import gpu_copy, native_ext
+from cwm_connector.engine.kv_layout import KVLayout
+from cwm_connector.engine.staging import StagingBuffer
 
 # name -> (backend, strategy, max layers per launch; 0: all in one launch)
 VARIANTS = {
@@ -174,7 +175,7 @@ def bench_layout(
 
 def bench_sweep(args: argparse.Namespace, sizes: list[int]) -> list[dict]:
     """triton-staged for a few scratch chunk sizes and kernel launch shapes."""
-    from cwm_connector import triton_copy
+    from cwm_connector.engine import triton_copy
 
     num_blocks = 2 * max(sizes)
     kv = make_kv("flash_attn", args, num_blocks)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from cwm_connector.catalog import Catalog, catalog_path
 from cwm_connector.config import CwmConfig
-from cwm_connector.kv_layout import KVLayout
-from cwm_connector.plans import CaptureJob, LoadJob, StageJob, StepPlan
-from cwm_connector.worker import CwmWorker
+from cwm_connector.engine.kv_layout import KVLayout
+from cwm_connector.engine.plans import CaptureJob, LoadJob, StageJob, StepPlan
+from cwm_connector.engine.worker import CwmWorker
+from cwm_connector.store.catalog import Catalog, catalog_path
 
 
 def median_ms(samples: list[float]) -> float:

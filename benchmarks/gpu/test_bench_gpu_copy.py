@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 # This folder is on sys.path under pytest's default (prepend) import mode.
 import bench_copy
 
-from cwm_connector.kv_layout import KVLayout, StagingBuffer
+from cwm_connector.engine.kv_layout import KVLayout
+from cwm_connector.engine.staging import StagingBuffer
 
 NUM = 1024
 VARIANTS = ["torch", "triton-uva", "triton-staged"]

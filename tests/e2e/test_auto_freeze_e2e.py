@@ -23,7 +23,7 @@ from e2e_tools import (
     server,
 )
 
-from cwm_connector.tiny_model import make_prompt
+from cwm_connector.demo.tiny_model import make_prompt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

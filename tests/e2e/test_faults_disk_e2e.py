@@ -26,10 +26,10 @@ import pytest
 from e2e_tools import BLOCK, EXTERNAL_HITS, cwm, metric_at_least, outputs, server
 from fault_tools import locked, tmpfs
 
+from cwm_connector.demo.tiny_model import make_prompt
+from cwm_connector.demo.vllm_process import VllmServer
 from cwm_connector.stats import read_stats
-from cwm_connector.tier_disk import DiskTier
-from cwm_connector.tiny_model import make_prompt
-from cwm_connector.vllm_process import VllmServer
+from cwm_connector.store.disk import DiskTier
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -24,9 +24,9 @@ import pytest
 from e2e_tools import cwm, outputs, server
 from redis_servers import RedisServer, redis_available
 
+from cwm_connector.demo.tiny_model import make_prompt
+from cwm_connector.demo.vllm_process import VllmServer
 from cwm_connector.stats import read_stats
-from cwm_connector.tiny_model import make_prompt
-from cwm_connector.vllm_process import VllmServer
 
 pytestmark = [
     pytest.mark.e2e,

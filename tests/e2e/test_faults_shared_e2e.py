@@ -28,12 +28,12 @@ import requests
 from e2e_tools import BLOCK, CONTINUATION, EXTERNAL_HITS, cwm, outputs, server
 from redis_servers import RedisServer, redis_available
 
-from cwm_connector.catalog import Catalog, catalog_path
-from cwm_connector.hash_chain import block_hash_chain
+from cwm_connector.demo.tiny_model import make_prompt
+from cwm_connector.demo.vllm_process import VllmServer
+from cwm_connector.engine.hash_chain import block_hash_chain
 from cwm_connector.stats import read_stats
-from cwm_connector.tier_disk import DiskTier
-from cwm_connector.tiny_model import make_prompt
-from cwm_connector.vllm_process import VllmServer
+from cwm_connector.store.catalog import Catalog, catalog_path
+from cwm_connector.store.disk import DiskTier
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

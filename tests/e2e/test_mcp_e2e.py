@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from e2e_tools import BLOCK, CONTINUATION, EXTERNAL_HITS, mcp_call, mcp_session, server
 
-from cwm_connector.sessions import salt_digest
-from cwm_connector.tiny_model import make_prompt
+from cwm_connector.demo.tiny_model import make_prompt
+from cwm_connector.engine.sessions import salt_digest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

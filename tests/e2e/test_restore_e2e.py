@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import requests
 
-from cwm_connector.client import ControlClient
+from cwm_connector.control.client import ControlClient
+from cwm_connector.demo.tiny_model import TinyModelSpec, build_tiny_model, make_prompt
+from cwm_connector.demo.vllm_process import VllmServer, kv_transfer_config
 from cwm_connector.errors import CwmError
 from cwm_connector.stats import read_stats
-from cwm_connector.tiny_model import TinyModelSpec, build_tiny_model, make_prompt
-from cwm_connector.vllm_process import VllmServer, kv_transfer_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

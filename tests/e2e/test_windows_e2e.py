@@ -23,11 +23,11 @@ from e2e_tools import (
     server,
 )
 
-from cwm_connector import blob
-from cwm_connector.protocol import read_frame
+from cwm_connector.control.protocol import read_frame
+from cwm_connector.demo.tiny_model import make_prompt
 from cwm_connector.stats import read_stats
-from cwm_connector.tier_disk import DiskTier
-from cwm_connector.tiny_model import make_prompt
+from cwm_connector.store import blob
+from cwm_connector.store.disk import DiskTier
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mcp_fakes import FakeConnector, FakeVllm
 
-from cwm_connector.control import ControlServer
+from cwm_connector.control.server import ControlServer
 
 
 @pytest.fixture

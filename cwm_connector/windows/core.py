@@ -1,0 +1,281 @@
+"""The core window ops: freeze, thaw, list, status (by name or session), clone, delete, stats.
+
+Each op reads and writes rows through `WindowRecords`; thaw stages blocks on the
+workers through the worker channel (`ThawStager`) when one is connected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+
+from cwm_connector.control.protocol import PROTOCOL_VERSION
+from cwm_connector.control.worker_channel import ThawStager
+from cwm_connector.engine.hash_chain import block_hash_chain
+from cwm_connector.engine.sessions import SessionState, salt_digest
+from cwm_connector.errors import CwmError
+from cwm_connector.version import __version__
+from cwm_connector.windows.args import Progress, WindowError, no_progress, text_arg, validate_name
+from cwm_connector.windows.query import WindowQuery
+from cwm_connector.windows.records import WindowRecords
+
+logger = logging.getLogger("vllm.cwm.windows")
+FREEZE_POLL_S = 0.05
+
+
+class CoreOps:
+    """freeze, thaw, list, status, lineage, clone, delete, stats, ping."""
+
+    def __init__(
+        self,
+        rec: WindowRecords,
+        *,
+        detokenize: Callable[[list[int]], str],
+        stats: Callable[[], dict[str, Any]],
+        channels: ThawStager | None = None,
+        failed_captures: Callable[[list[bytes]], int] | None = None,
+        freeze_timeout_s: float = 60.0,
+    ):
+        self.rec = rec
+        self.channels = channels
+        self._detokenize = detokenize
+        self._stats = stats
+        self._failed_captures = failed_captures or (lambda hashes: 0)
+        self.freeze_timeout_s = freeze_timeout_s
+
+    def ping(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "engine": self.rec.engine_fp_id,
+        }
+
+    def freeze(
+        self,
+        salt: str,
+        name: str,
+        overwrite: bool = False,
+        description: str = "",
+        tags: Sequence[str] | None = None,
+        _progress: Progress = no_progress,
+    ) -> dict[str, Any]:
+        name = validate_name(name)
+        session = self.rec.sessions.get(text_arg(salt, "salt"))
+        if session is None:
+            raise WindowError(
+                "no finished request with this salt since vLLM started: send the session's "
+                "requests with cache_salt, then freeze",
+                code="unknown_session",
+            )
+        if not overwrite and self.rec.catalog.get_window(name) is not None:
+            raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
+        hashes = list(session.block_hashes)
+        found = self._wait_durable(hashes, _progress)
+        blocks = [(h, found[h]) for h in hashes]
+        row = self.rec.row(name, session.salt, list(session.token_ids), None, description, tags)
+        self.rec.insert(row, blocks, replace=overwrite)
+        return self.rec.describe(name)
+
+    def thaw(self, name: str, new_salt: str | None = None) -> dict[str, Any]:
+        if new_salt is not None:  # thaw under another salt: a zero-copy clone first
+            name = self._clone_for_salt(name, text_arg(new_salt, "new_salt"))
+        row, blocks = self.rec.load(name)
+        self.rec.check_fingerprint(name, row)
+        stored = self.rec.catalog.digests_for_engine(self.rec.engine_fp_id, [h for h, _ in blocks])
+        missing = [h for h, _ in blocks if h not in stored]
+        if missing:
+            raise WindowError(
+                f"window {name!r}: {len(missing)} blocks are not in this store",
+                code="window_damaged",
+            )
+        staged = self._prestage(name, [h for h, _ in blocks])
+        if staged is None:  # no worker answers: at least verify every blob here
+            bad = self.rec.verify_blobs([d for _, d in blocks])
+            staged_blocks = 0
+        else:
+            bad = [bytes.fromhex(d) for d in staged["failed"]]
+            staged_blocks = int(staged["staged"])
+        if bad:
+            raise WindowError(
+                f"window {name!r}: {len(bad)} of {len(blocks)} blobs are missing or corrupt "
+                f"(first: {bad[0].hex()}); nothing was loaded",
+                code="window_damaged",
+            )
+        token_ids = msgpack.unpackb(row["token_ids"])
+        described = self.rec.describe(name, resident=staged_blocks)
+        return {
+            **described,
+            "staged_blocks": staged_blocks,
+            "token_ids": token_ids,
+            "text": self._detokenize(token_ids),
+        }
+
+    def _clone_for_salt(self, name: str, new_salt: str) -> str:
+        """A clone of `name` under `new_salt` (made once, then reused): its name."""
+        derived = validate_name(f"{name[:110]}.{salt_digest(new_salt)[:12]}")
+        existing = self.rec.catalog.get_window(derived)
+        if existing is None or existing[0]["salt"] != new_salt:
+            self.clone(name, derived, salt=new_salt)
+        return derived
+
+    def _prestage(self, name: str, hashes: list[bytes]) -> dict[str, Any] | None:
+        """Have every worker read, verify and pin the window's blobs; None if none answers."""
+        if self.channels is None or not hashes:
+            return None
+        try:
+            return self.channels.prestage(hashes)
+        except CwmError as exc:
+            logger.warning("cwm: thaw of %r could not prestage on the workers: %s", name, exc)
+            return None
+
+    def list(self, **query: Any) -> list[dict[str, Any]]:
+        selection = WindowQuery.parse(**query)
+        in_redis = set() if self.rec.shared is None else set(self.rec.shared.names())
+        described = [
+            self.rec.describe(name, in_redis=in_redis) for name in self.rec.names(in_redis)
+        ]
+        return selection.apply(described)
+
+    def status(
+        self,
+        name: str | None = None,
+        session: str | None = None,
+        include_cache_stats: bool = False,
+        include_lineage: bool = True,
+    ) -> dict[str, Any]:
+        if (name is None) == (session is None):
+            raise WindowError("status takes exactly one of name or session")
+        if session is not None:
+            return self.session_status(text_arg(session, "session"))
+        name = validate_name(name)  # never str() a hostile value into a valid name
+        _, blocks = self.rec.load(name)
+        bad = self.rec.verify_blobs([d for _, d in blocks])
+        resident = None if self.channels is None else self.channels.resident([h for h, _ in blocks])
+        out = {
+            **self.rec.describe(name, resident=resident or 0),
+            "complete": not bad,
+            "damaged_blobs": len(bad),
+            "resident_blocks": resident,
+        }
+        if include_lineage:
+            out["lineage"] = self.lineage(name)
+        if include_cache_stats:
+            out["cache_stats"] = self._stats()
+        return out
+
+    def session_status(self, session: str) -> dict[str, Any]:
+        """A live session (by salt or digest): its latest token count and its windows."""
+        state = self.rec.sessions.get(session)
+        if state is None:
+            raise CwmError("no finished request of this session since vLLM started",
+                           code="unknown_session")  # fmt: skip
+        windows = [w["name"] for w in self.list(session=salt_digest(state.salt))]
+        return self.session_entry(state, {salt_digest(state.salt): windows})
+
+    @staticmethod
+    def session_entry(state: SessionState, windows: dict[str, list[str]]) -> dict[str, Any]:
+        key = salt_digest(state.salt)
+        return {"session": key, "tokens": len(state.token_ids), "updated": state.updated,
+                "windows": windows.get(key, [])}  # fmt: skip
+
+    def lineage(self, name: str) -> dict[str, Any]:
+        """parent, root and depth of a window (clones point at their source)."""
+        chain = [name]
+        parent = self.rec.catalog.get_window(name)
+        while parent is not None and parent[0]["parent"] and len(chain) < 1000:
+            source = str(parent[0]["parent"])
+            if source in chain:
+                break  # a cycle cannot be made through the ops; never loop on a damaged one
+            chain.append(source)
+            parent = self.rec.catalog.get_window(source)
+        return {"parent": chain[1] if len(chain) > 1 else None, "root": chain[-1],
+                "depth": len(chain) - 1}  # fmt: skip
+
+    def clone(
+        self,
+        src: str,
+        dst: str,
+        salt: str | None = None,
+        description: str | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        row, blocks = self.rec.load(src)
+        dst = validate_name(dst)
+        self.rec.check_fingerprint(src, row)
+        token_ids = msgpack.unpackb(row["token_ids"])
+        new_salt = str(row["salt"]) if salt is None else text_arg(salt, "salt")
+        block_rows: list[tuple[str, bytes, bytes]] = []
+        if new_salt != row["salt"]:
+            # Re-key the same blobs under the new salt's hash chain: no tensor copy.
+            hashes = block_hash_chain(token_ids, self.rec.block_size, new_salt, self.rec.hash_algo)
+            blocks = [(h, d) for h, (_, d) in zip(hashes, blocks, strict=False)]
+            block_rows = [
+                (fp, h, d)
+                for fp in self.rec.catalog.engine_fp_ids(self.rec.engine_fp_id)
+                for h, d in blocks
+            ]
+        new_row = self.rec.row(
+            dst,
+            new_salt,
+            token_ids,
+            src,
+            str(row.get("description", "")) if description is None else description,
+            json.loads(str(row.get("tags") or "[]")) if tags is None else tags,
+        )
+        self.rec.insert(new_row, blocks, block_rows=block_rows)
+        return self.rec.describe(dst)
+
+    def delete(self, name: str) -> dict[str, Any]:
+        validate_name(name)
+        with self.rec.write_lock:
+            sizes_before = self.rec.catalog.totals()["stored_bytes"]
+            # A live session's latest blocks stay: its next freeze needs them, and capture
+            # never writes a block again once the store held it (found by benchmarks/soak.py).
+            live = [h for state in self.rec.sessions.states() for h in state.block_hashes]
+            keep = set(self.rec.catalog.digests_for_engine(self.rec.engine_fp_id, live).values())
+            orphans = self.rec.catalog.delete_window(name, keep=keep)
+            in_redis = self.rec.shared is not None and self.rec.shared.remove(name)
+            if orphans is None and not in_redis:
+                raise WindowError(f"no window named {name!r}", code="window_not_found")
+            orphans = orphans or []
+            for dig in orphans:  # rows went first: a crash here leaves only orphan files
+                self.rec.disk.delete(dig)
+            freed = sizes_before - self.rec.catalog.totals()["stored_bytes"]
+        return {"name": name, "deleted": True, "freed_blobs": len(orphans), "freed_bytes": freed}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self._stats(),
+            "store": {**self.rec.catalog.totals(), "windows": len(self.rec.names())},
+            "sessions": len(self.rec.sessions.summary()),
+        }
+
+    def _wait_durable(self, hashes: list[bytes], progress: Progress) -> dict[bytes, bytes]:
+        deadline = time.monotonic() + self.freeze_timeout_s
+        while True:
+            found = self.rec.catalog.digests_for_engine(self.rec.engine_fp_id, hashes)
+            progress(len(found), len(set(hashes)))
+            failed = self._failed_captures([h for h in hashes if h not in found])
+            if failed:
+                raise WindowError(
+                    f"capture of {failed} of {len(hashes)} blocks failed (disk full, read-only "
+                    "store or catalog unavailable: see the vLLM log); send the session's next "
+                    "request once it is fixed, then freeze again",
+                    code="capture_failed",
+                    retryable=True,
+                )
+            if len(found) == len(set(hashes)):
+                return found
+            if time.monotonic() > deadline:
+                raise WindowError(
+                    f"{len(set(hashes)) - len(found)} of {len(hashes)} blocks are not durable "
+                    f"after {self.freeze_timeout_s:.0f}s (capture failed or is still running)",
+                    code="not_durable",
+                    retryable=True,
+                )
+            time.sleep(FREEZE_POLL_S)

@@ -1,0 +1,194 @@
+"""Window rows: reading, writing and describing them (shared by every ops object).
+
+A window is a durable, named manifest of a session: its token ids, the ordered
+block hashes of its full blocks, their blob digests, and the engine fingerprint.
+Blobs are shared (content-addressed); a window pins the blobs it names. Rows go
+to the local catalog and, when Redis sharing is on, are claimed there first.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from cwm_connector.engine.fingerprint import canonical_json, differing_fields
+from cwm_connector.engine.sessions import SessionTable, salt_digest
+from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
+from cwm_connector.stats import Stats
+from cwm_connector.store.catalog import Catalog, catalog_path
+from cwm_connector.store.disk import DiskTier
+from cwm_connector.store.memory import MemoryTier
+from cwm_connector.store.tiered import TieredStore
+from cwm_connector.windows.args import WindowError, tags_arg, text_arg, validate_name
+
+if TYPE_CHECKING:
+    from cwm_connector.windows.share import SharedWindows
+
+
+class WindowRecords:
+    """The store, the catalog (one connection per thread) and the engine a window must match."""
+
+    def __init__(
+        self,
+        *,
+        store_dir: Path,
+        engine_fp: dict[str, Any],
+        engine_fp_id: str,
+        block_size: int,
+        hash_algo: str,
+        sessions: SessionTable,
+        store: TieredStore | None = None,
+        shared: SharedWindows | None = None,
+    ):
+        self.store_dir = store_dir
+        self.disk = DiskTier(store_dir)
+        # Verification and export read through the tiers (disk, then Redis); nothing is cached.
+        self.store = store or TieredStore(
+            MemoryTier(1), self.disk, None, Stats(None), promote=False
+        )
+        self.shared = shared
+        self.engine_fp = engine_fp
+        self.engine_fp_id = engine_fp_id
+        self.block_size = block_size
+        self.hash_algo = hash_algo
+        self.sessions = sessions
+        self.write_lock = threading.Lock()
+        self._local = threading.local()
+
+    @property
+    def catalog(self) -> Catalog:
+        """This thread's catalog connection."""
+        cat = getattr(self._local, "catalog", None)
+        if cat is None:
+            cat = self._local.catalog = Catalog(catalog_path(self.store_dir))
+        return cat
+
+    def row(
+        self,
+        name: str,
+        salt: str,
+        token_ids: list[int],
+        parent: str | None,
+        description: str = "",
+        tags: Sequence[str] | None = None,
+    ) -> dict[str, object]:
+        return {
+            "description": text_arg(description, "description", allow_empty=True),
+            "tags": json.dumps(tags_arg(tags)),
+            "name": name,
+            "salt": salt,
+            "engine_fp": self.engine_fp_id,
+            "fingerprint": canonical_json(self.engine_fp),
+            "token_ids": msgpack.packb(list(token_ids)),
+            "num_tokens": len(token_ids),
+            "created": time.time(),
+            "parent": parent,
+        }
+
+    def insert(
+        self,
+        row: dict[str, object],
+        blocks: list[tuple[bytes, bytes]],
+        *,
+        replace: bool = False,
+        block_rows: Sequence[tuple[str, bytes, bytes]] = (),
+        blob_rows: Sequence[tuple[bytes, int, int, str]] = (),
+    ) -> None:
+        """Add a window: claim its name in Redis first (when shared), then the local catalog."""
+        name = str(row["name"])
+        if self.shared is not None:
+            sizes = {d: (raw, stored, "") for d, (raw, stored) in self.catalog.blob_sizes(
+                [d for _, d in blocks]).items()}  # fmt: skip
+            sizes.update({d: (raw, stored, codec) for d, raw, stored, codec in blob_rows})
+            fp_rows = {fp: list(blocks) for fp in self.catalog.engine_fp_ids(self.engine_fp_id)}
+            if not self.shared.publish(row, blocks, sizes, fp_rows, replace):
+                raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
+            replace = True  # the name is ours now; the local row is a mirror
+        ok = self.catalog.insert_window(
+            row, blocks, replace=replace, block_rows=block_rows, blob_rows=blob_rows
+        )
+        if not ok:
+            raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
+
+    def names(self, in_redis: set[str] | None = None) -> list[str]:
+        names = set(self.catalog.window_names())
+        if self.shared is not None:
+            names |= set(self.shared.names()) if in_redis is None else in_redis
+        return sorted(names)
+
+    def load(self, name: str) -> tuple[dict[str, object], list[tuple[bytes, bytes]]]:
+        found = self.catalog.get_window(validate_name(name))
+        if found is None and self.shared is not None:
+            fetched = self.shared.fetch(name)
+            if fetched is not None:  # mirror a window another server froze
+                row, blocks, sizes = fetched
+                fps = self.catalog.engine_fp_ids(self.engine_fp_id)
+                self.catalog.insert_window(
+                    row,
+                    blocks,
+                    replace=True,
+                    block_rows=[(fp, h, d) for fp in fps for h, d in blocks],
+                    blob_rows=[
+                        (d, raw, stored, codec or "redis") for d, raw, stored, codec in sizes
+                    ],
+                )
+                found = self.catalog.get_window(name)
+        if found is None:
+            raise WindowError(f"no window named {name!r}", code="window_not_found")
+        return found
+
+    def describe(
+        self, name: str, resident: int = 0, in_redis: set[str] | None = None
+    ) -> dict[str, Any]:
+        row, blocks = self.load(name)
+        sizes = self.catalog.blob_sizes([d for _, d in blocks])
+        tiers = ["memory"] if blocks and resident >= len(blocks) else []
+        if all(self.disk.contains(d) for d in dict.fromkeys(d for _, d in blocks)):
+            tiers.append("disk")
+        if self.shared is not None:
+            if in_redis is None:
+                in_redis = set(self.shared.names())
+            if name in in_redis:
+                tiers.append("redis")
+        return {
+            "name": row["name"],
+            "salt": row["salt"],
+            "session": salt_digest(str(row["salt"])),
+            "tokens": row["num_tokens"],
+            "blocks": len(blocks),
+            "bytes": sum(sizes.get(d, (0, 0))[0] for _, d in blocks),
+            "stored_bytes": sum(sizes.get(d, (0, 0))[1] for _, d in set(blocks)),
+            "created": row["created"],
+            "parent": row["parent"],
+            "fingerprint": str(row["engine_fp"])[:16],
+            "model": str(json.loads(str(row["fingerprint"])).get("model", "")),
+            "description": str(row.get("description") or ""),
+            "tags": json.loads(str(row.get("tags") or "[]")),
+            "tiers": tiers,
+        }
+
+    def check_fingerprint(self, name: str, row: dict[str, object]) -> None:
+        diff = differing_fields(json.loads(str(row["fingerprint"])), self.engine_fp)
+        if diff:
+            raise WindowError(
+                f"window {name!r} was frozen under another engine; differing fields: "
+                f"{', '.join(diff)}; nothing was loaded",
+                code="fingerprint_mismatch",
+            )
+
+    def verify_blobs(self, digests: list[bytes]) -> list[bytes]:
+        sizes = self.catalog.blob_sizes(digests)
+        bad = []
+        for dig in dict.fromkeys(digests):
+            raw_len = sizes.get(dig, (0, 0))[0]
+            try:
+                self.store.read_into(dig, [memoryview(bytearray(raw_len))])
+            except (BlobCorruptError, BlobMissingError, CwmError):
+                bad.append(dig)
+        return bad

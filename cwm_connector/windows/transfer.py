@@ -1,0 +1,145 @@
+"""Export and import of windows: one portable file (safetensors + a JSON manifest).
+
+Holds the window records. Export reads every blob through the tiers; import
+checks the fingerprint, recomputes the block-hash chain from the manifest's
+tokens and salt (a forged manifest cannot alias another session's hashes) and
+verifies every block's digest before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from cwm_connector.engine.fingerprint import differing_fields
+from cwm_connector.engine.hash_chain import block_hash_chain
+from cwm_connector.store.blob import digest as blob_digest
+from cwm_connector.windows.args import Progress, WindowError, no_progress, user_path, validate_name
+from cwm_connector.windows.export_file import EXPORT_FORMAT, ExportFile, open_export
+from cwm_connector.windows.records import WindowRecords
+
+
+class TransferOps:
+    """export and import."""
+
+    def __init__(self, rec: WindowRecords):
+        self.rec = rec
+
+    def export(self, name: str, file: str, _progress: Progress = no_progress) -> dict[str, Any]:
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        row, blocks = self.rec.load(name)
+        path = self._export_path(file)
+        sizes = self.rec.catalog.blob_sizes([d for _, d in blocks])
+        raw_len = sizes[blocks[0][1]][0] if blocks else 0
+        data = np.empty((len(blocks), raw_len), dtype=np.uint8)
+        for i, (_, dig) in enumerate(blocks):
+            self.rec.store.read_into(dig, [memoryview(data[i])])
+            _progress(i + 1, len(blocks))
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "name": name,
+            "salt": row["salt"],
+            "token_ids": msgpack.unpackb(row["token_ids"]),
+            "block_size": self.rec.block_size,
+            "hash_algo": self.rec.hash_algo,
+            "block_hashes": [h.hex() for h, _ in blocks],
+            "digests": [d.hex() for _, d in blocks],
+            "fingerprint": json.loads(str(row["fingerprint"])),
+        }
+        # A fresh name made with O_EXCL: a link planted at a guessable temp name in a shared
+        # folder is never followed. The final rename replaces a link, never writes through it.
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp",
+                                            dir=path.parent)  # fmt: skip
+        except OSError as exc:
+            raise WindowError(f"cannot write {path}: {exc}", code="bad_path") from exc
+        os.close(fd)
+        try:
+            save_file({"blocks": data}, tmp_name, metadata={"cwm": json.dumps(manifest)})
+            os.replace(tmp_name, path)
+        except OSError as exc:
+            raise WindowError(f"cannot write {path}: {exc}", code="bad_path") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+        return {"name": name, "file": str(path), "bytes": path.stat().st_size}
+
+    def _export_path(self, file: object) -> Path:
+        """An absolute target outside the store (an export must never replace store files)."""
+        path = user_path(file)
+        resolved = path.parent.resolve() / path.name
+        if resolved.is_relative_to(self.rec.store_dir.resolve()):
+            raise WindowError(f"refusing to export into the store: {path}", code="bad_path")
+        if resolved.is_dir():
+            raise WindowError(f"{path} is a directory", code="bad_path")
+        return resolved
+
+    def import_(
+        self, file: str, name: str | None = None, _progress: Progress = no_progress
+    ) -> dict[str, Any]:
+        with open_export(user_path(file, must_exist=True)) as export:
+            return self._import(export, name, _progress)
+
+    def _import(self, export: ExportFile, name: str | None, progress: Progress) -> dict[str, Any]:
+        """Check everything, then write the blobs, then the rows; a refusal writes nothing."""
+        manifest = export.manifest
+        name = validate_name(name if name is not None else manifest["name"])
+        diff = differing_fields(manifest["fingerprint"], self.rec.engine_fp)
+        if diff:
+            raise WindowError(
+                f"window was exported from another engine; differing fields: {', '.join(diff)}",
+                code="fingerprint_mismatch",
+            )
+        token_ids = manifest["token_ids"]
+        expected = block_hash_chain(
+            token_ids, self.rec.block_size, manifest["salt"], self.rec.hash_algo
+        )
+        hashes = [bytes.fromhex(h) for h in manifest["block_hashes"]]
+        if hashes != expected[: len(hashes)] or len(hashes) != export.num_blocks:
+            raise WindowError(
+                "import refused: the block hashes do not belong to the window's tokens and salt",
+                code="bad_import",
+            )
+        digests = [bytes.fromhex(d) for d in manifest["digests"]]
+        total = 2 * len(digests)  # verify, then write: two halves of the bar
+        for i, dig in enumerate(digests):
+            _verified_row(export, i, dig)
+            progress(i + 1, total)
+        blob_rows: list[tuple[bytes, int, int, str]] = []
+        written: list[bytes] = []
+        try:
+            for i, dig in enumerate(digests):
+                if not self.rec.disk.contains(dig):
+                    # Read again and verify again: the file may have changed since.
+                    stored = self.rec.disk.put(dig, [_verified_row(export, i, dig)])
+                    written.append(dig)
+                    blob_rows.append((dig, export.block_bytes, stored, "none"))
+                progress(len(digests) + i + 1, total)
+            fps = self.rec.catalog.engine_fp_ids(self.rec.engine_fp_id)
+            block_rows = [(fp, h, d) for fp in fps for h, d in zip(hashes, digests, strict=True)]
+            row = self.rec.row(name, manifest["salt"], token_ids, parent=None)
+            blocks = list(zip(hashes, digests, strict=True))
+            self.rec.insert(row, blocks, block_rows=block_rows, blob_rows=blob_rows)
+        except BaseException:
+            for dig in written:  # never leave files of a refused import (unless now in use)
+                if not self.rec.catalog.has_blob(dig):
+                    self.rec.disk.delete(dig)
+            raise
+        return self.rec.describe(name)
+
+
+def _verified_row(export: ExportFile, index: int, dig: bytes) -> bytes:
+    """Block `index` of the file, refused unless it matches its digest."""
+    data = export.row(index)
+    if blob_digest(data) != dig:
+        raise WindowError(f"import refused: block {index} does not match its digest",
+                          code="bad_import")  # fmt: skip
+    return data
