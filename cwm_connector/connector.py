@@ -38,6 +38,13 @@ from cwm_connector.engine.fingerprint import (
     hash_chain_stable,
 )
 from cwm_connector.engine.hash_chain import block_hash_chain
+from cwm_connector.engine.hit_run import tail_run
+from cwm_connector.engine.kv_groups import (
+    NULL_BLOCK_ID,
+    describe_groups,
+    fingerprint_field,
+    restore_plan,
+)
 from cwm_connector.engine.plans import StepPlan, WorkerReport
 from cwm_connector.engine.prom import CwmPromMetrics, CwmStats, DeltaTracker
 from cwm_connector.engine.scheduler import CwmScheduler
@@ -105,7 +112,11 @@ class CWMConnector(KVConnectorBase_V1):
         self.cfg = CwmConfig.resolve(transfer.kv_connector_extra_config)
         with contextlib.suppress(OSError):  # a read-only store still serves restores
             self.cfg.store_path.mkdir(parents=True, exist_ok=True)
+        self._groups = describe_groups(kv_cache_config)
         self._engine_fp = engine_fingerprint(vllm_config)
+        groups_fp = fingerprint_field(self._groups)
+        if groups_fp is not None:  # a plain model keeps the fingerprint old stores were made with
+            self._engine_fp["kv_groups"] = groups_fp
         self._engine_fp_id = canonical_id(self._engine_fp)
         self._block_size = vllm_config.cache_config.block_size
         self._scheduler: CwmScheduler | None = None
@@ -134,6 +145,14 @@ class CWMConnector(KVConnectorBase_V1):
                 '"kv_load_failure_policy":"recompute" to recompute it instead.',
                 failure_policy,
             )
+        window_blocks, inert = restore_plan(self._groups)
+        if inert is not None:
+            logger.warning(
+                "cwm: %s; cwm captures and restores nothing for this model (vLLM serves it "
+                "as usual)",
+                inert,
+            )
+            stable = False
         # The engine thread waits at most 1 s on SQLite: a lock held longer is a miss.
         self._catalog = Catalog(catalog_path(self.cfg.store_path), timeout_s=1.0)
         self._catalog_retry_at = time.monotonic()
@@ -163,6 +182,7 @@ class CWMConnector(KVConnectorBase_V1):
             capture=self.cfg.capture if stable else "off",
             restore=stable,
             stage_timeout_s=self.cfg.stage_timeout_s,
+            window_blocks=window_blocks,
         )
         self._sessions = SessionTable()
         self._auto = AutoFreezer(
@@ -388,10 +408,18 @@ class CWMConnector(KVConnectorBase_V1):
         assert self._scheduler is not None
         if request.cache_salt:
             num_full = min(
-                len(request.block_hashes), request.num_computed_tokens // self._block_size
+                len(request.block_hashes),
+                request.num_computed_tokens // self._block_size,
+                len(block_ids),
             )
+            # A sliding window keeps only its last blocks: the session is the run of real
+            # blocks ending at its last full block (issue 13).
+            first = tail_run(block_ids, num_full, NULL_BLOCK_ID)
             self._sessions.record(
-                request.cache_salt, list(request.all_token_ids), request.block_hashes[:num_full]
+                request.cache_salt,
+                list(request.all_token_ids),
+                request.block_hashes[first:num_full],
+                first_block=first,
             )
             self._maybe_auto_freeze(request.cache_salt, request.num_tokens)
         keep = self._scheduler.request_finished(

@@ -76,6 +76,10 @@ class TinyModelSpec:
     max_position_embeddings: int = 8192
     seed: int = 0
     dtype: str = "bfloat16"
+    # Per-layer attention ("full_attention" | "sliding_attention"), as in Gemma/Qwen2/
+    # Mistral-style configs; None: every layer full attention (issue 13's model families).
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
 
     @property
     def head_size(self) -> int:
@@ -92,6 +96,13 @@ class TinyModelSpec:
             raise ValueError("vocab_size must be at least 512 (256 bytes + merges)")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError("layer_types needs one entry per layer")
+            if set(self.layer_types) - {"full_attention", "sliding_attention"}:
+                raise ValueError("layer_types entries: full_attention or sliding_attention")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("sliding_attention layers need sliding_window")
 
 
 # --------------------------------------------------------------------------
@@ -238,6 +249,11 @@ def _write_model(out_dir: Path, spec: TinyModelSpec, bos_id: int, eos_id: int) -
     num_params = sum(p.numel() for p in model.parameters())
     _remove_stale_weights(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="1000GB")
+    if spec.layer_types is not None:  # vLLM's Llama reads these from config.json
+        path = out_dir / "config.json"
+        doc = json.loads(path.read_text())
+        doc.update(layer_types=list(spec.layer_types), sliding_window=spec.sliding_window)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
     return num_params
 
 

@@ -26,10 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cwm_connector.engine.hit_run import find_hit, ready_end
+from cwm_connector.engine.kv_groups import NULL_BLOCK_ID
 from cwm_connector.engine.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
 
 logger = logging.getLogger("vllm.cwm.scheduler")
 MAX_FAILURES_KEPT = 100_000
+NO_JOB = -1  # a load with no staged blocks: every block in it is a load error
 
 
 class StoredLookup(Protocol):
@@ -41,9 +44,10 @@ class StoredLookup(Protocol):
 @dataclass(slots=True)
 class _PendingHit:
     job_id: int
-    start_block: int
+    start_block: int  # the engine's own hit, in blocks, when the lookup began
     num_blocks_asked: int
     submitted_at: float
+    first_block: int = -1  # where the staged blocks begin (< 0: at start_block)
     rank_results: dict[int, int] = field(default_factory=dict)
     num_blocks_ready: int | None = None  # set once every rank reported (or on timeout)
 
@@ -70,6 +74,8 @@ class SchedulerCounters:
     store_failed_blocks: int = 0
     lookup_errors: int = 0
     prestaged_hit_blocks: int = 0
+    null_blocks_skipped: int = 0
+    null_dest_loads: int = 0
 
 
 class CwmScheduler:
@@ -84,9 +90,13 @@ class CwmScheduler:
         capture: str = "salted",
         restore: bool = True,
         stage_timeout_s: float = 10.0,
+        window_blocks: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.block_size = block_size
+        # None: full attention (a hit needs every block before it); else a sliding
+        # window: a hit needs only this many blocks before its boundary (issue 13).
+        self.window_blocks = window_blocks
         self.tp_size = tp_size
         self.capture = capture
         self.restore = restore
@@ -126,7 +136,8 @@ class CwmScheduler:
         if not self.restore or start >= max_blocks:
             return 0, False
         if pending is None:
-            if start == 0 and (hit := self._take_ready(block_hashes[:max_blocks])) is not None:
+            prestaged = start == 0 and self.window_blocks is None
+            if prestaged and (hit := self._take_ready(block_hashes[:max_blocks])) is not None:
                 return self._promise_ready(req_id, *hit)
             return self._begin_lookup(req_id, block_hashes[start:max_blocks], start)
         if pending.num_blocks_ready is None:
@@ -136,7 +147,9 @@ class CwmScheduler:
             self.counters.stage_timeouts += 1
             self._forget(req_id)
             return 0, False
-        ready = min(pending.num_blocks_ready, max_blocks - start)
+        first = pending.first_block if pending.first_block >= 0 else start
+        end = ready_end(start, first, first + pending.num_blocks_asked, pending.num_blocks_ready)
+        ready = max(0, min(end, max_blocks) - start)
         if ready == 0:
             self._forget(req_id)
         return ready * self.block_size, False
@@ -151,16 +164,14 @@ class CwmScheduler:
             logger.exception("cwm: store lookup failed; treating as a miss")
             self.counters.lookup_errors += 1
             return 0, False
-        run = 0
-        while run < len(wanted) and wanted[run] in stored:
-            run += 1
-        self.counters.miss_blocks += len(wanted) - run
-        if run == 0:
+        first, end = find_hit([h in stored for h in wanted], start, self.window_blocks)
+        self.counters.miss_blocks += len(wanted) - (end - start)
+        if end == start:
             return 0, False
         job_id = next(self._job_ids)
-        self._pending[req_id] = _PendingHit(job_id, start, run, self._clock())
+        self._pending[req_id] = _PendingHit(job_id, start, end - first, self._clock(), first)
         self._job_to_req[job_id] = req_id
-        self._plan.stages.append(StageJob(job_id, list(wanted[:run])))
+        self._plan.stages.append(StageJob(job_id, list(wanted[first - start : end - start])))
         return None, False
 
     # -- thaw: prestaged jobs -------------------------------------------------
@@ -219,11 +230,22 @@ class CwmScheduler:
         if num_blocks == 0:
             self._forget(req_id)
             return
-        dest = list(block_ids[pending.start_block : pending.start_block + num_blocks])
-        self._plan.loads.append(LoadJob(req_id, pending.job_id, dest))
-        self.counters.hit_blocks += len(dest)
+        first = pending.first_block if pending.first_block >= 0 else pending.start_block
+        dest = list(block_ids[first : pending.start_block + num_blocks])
         del self._pending[req_id]
         del self._job_to_req[pending.job_id]
+        if NULL_BLOCK_ID in dest:
+            # vLLM allocates real blocks inside the window, so this never happens; if it
+            # did, nothing is written to the null block and the real ones are reported
+            # as load errors (no staged job), so vLLM recomputes them.
+            logger.error("cwm: %s got the null block for a promised load; recomputing", req_id)
+            self.counters.null_dest_loads += 1
+            self._plan.drops.append(pending.job_id)
+            real = [b for b in dest if b != NULL_BLOCK_ID]
+            self._plan.loads.append(LoadJob(req_id, NO_JOB, real))
+            return
+        self._plan.loads.append(LoadJob(req_id, pending.job_id, dest))
+        self.counters.hit_blocks += len(dest)
 
     def _forget(self, req_id: str) -> None:
         pending = self._pending.pop(req_id, None)
@@ -246,7 +268,10 @@ class CwmScheduler:
             return False
         # A hash can cover a block whose last token has no KV yet: only count computed ones.
         num_full = min(len(block_hashes), num_computed_tokens // self.block_size, len(block_ids))
-        candidates = [i for i in range(num_full) if block_hashes[i] not in self._inflight_capture]
+        # A block that left a sliding window is vLLM's null block: never captured (issue 13).
+        real = [i for i in range(num_full) if block_ids[i] != NULL_BLOCK_ID]
+        self.counters.null_blocks_skipped += num_full - len(real)
+        candidates = [i for i in real if block_hashes[i] not in self._inflight_capture]
         try:
             stored = self._lookup([block_hashes[i] for i in candidates])
         except Exception:
@@ -254,7 +279,7 @@ class CwmScheduler:
             self.counters.lookup_errors += 1
             return False
         todo = [i for i in candidates if block_hashes[i] not in stored]
-        self.counters.skipped_stored_blocks += num_full - len(todo)
+        self.counters.skipped_stored_blocks += len(real) - len(todo)
         if not todo:
             return False
         hashes = [bytes(block_hashes[i]) for i in todo]

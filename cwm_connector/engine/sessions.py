@@ -18,6 +18,7 @@ class SessionState:
     token_ids: tuple[int, ...]
     block_hashes: tuple[bytes, ...]
     updated: float
+    first_block: int = 0  # position of block_hashes[0] (> 0 when a sliding window let go)
 
 
 def salt_digest(salt: str) -> str:
@@ -32,9 +33,11 @@ class SessionTable:
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionState] = {}
 
-    def record(self, salt: str, token_ids: list[int], block_hashes: list[bytes]) -> None:
+    def record(
+        self, salt: str, token_ids: list[int], block_hashes: list[bytes], first_block: int = 0
+    ) -> None:
         """Remember a session's latest finished request."""
-        state = SessionState(salt, tuple(token_ids), tuple(block_hashes), time.time())
+        state = SessionState(salt, tuple(token_ids), tuple(block_hashes), time.time(), first_block)
         with self._lock:
             self._sessions[salt] = state
 

@@ -193,9 +193,10 @@ class Catalog:
             )
             self._db.execute(
                 "INSERT INTO windows (name, salt, engine_fp, fingerprint, token_ids, num_tokens, "
-                "created, parent, description, tags) VALUES (:name, :salt, :engine_fp, "
-                ":fingerprint, :token_ids, :num_tokens, :created, :parent, :description, :tags)",
-                {"description": "", "tags": "[]", **row},
+                "created, parent, description, tags, first_block) VALUES (:name, :salt, "
+                ":engine_fp, :fingerprint, :token_ids, :num_tokens, :created, :parent, "
+                ":description, :tags, :first_block)",
+                {"description": "", "tags": "[]", "first_block": 0, **row},
             )
             self._db.executemany(
                 "INSERT INTO window_blocks (name, idx, block_hash, digest) VALUES (?, ?, ?, ?)",
@@ -207,7 +208,7 @@ class Catalog:
         """A window's row and its ordered (hash, digest) list, or None."""
         cur = self._db.execute(
             "SELECT name, salt, engine_fp, fingerprint, token_ids, num_tokens, created, parent, "
-            "description, tags FROM windows WHERE name = ?",
+            "description, tags, first_block FROM windows WHERE name = ?",
             (name,),
         )
         found = cur.fetchone()

@@ -79,6 +79,8 @@ CREATE INDEX IF NOT EXISTS window_blocks_digest ON window_blocks (digest);
 WINDOW_COLUMNS_ADDED = {
     "description": "TEXT NOT NULL DEFAULT ''",
     "tags": "TEXT NOT NULL DEFAULT '[]'",
+    # position of the window's first block: > 0 when a sliding window let go (issue 13)
+    "first_block": "INTEGER NOT NULL DEFAULT 0",
 }
 
 

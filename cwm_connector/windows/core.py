@@ -77,7 +77,8 @@ class CoreOps:
         hashes = list(session.block_hashes)
         found = self._wait_durable(hashes, _progress)
         blocks = [(h, found[h]) for h in hashes]
-        row = self.rec.row(name, session.salt, list(session.token_ids), None, description, tags)
+        row = self.rec.row(name, session.salt, list(session.token_ids), None, description, tags,
+                           first_block=session.first_block)  # fmt: skip
         self.rec.insert(row, blocks, replace=overwrite)
         return self.rec.describe(name)
 
@@ -93,7 +94,10 @@ class CoreOps:
                 f"window {name!r}: {len(missing)} blocks are not in this store",
                 code="window_damaged",
             )
-        staged = self._prestage(name, [h for h, _ in blocks])
+        # A window that starts past block 0 (a sliding window) is found by the request's own
+        # lookup instead: a prestaged job is matched at block 0 only.
+        first = int(row.get("first_block") or 0)
+        staged = None if first else self._prestage(name, [h for h, _ in blocks])
         if staged is None:  # no worker answers: at least verify every blob here
             bad = self.rec.verify_blobs([d for _, d in blocks])
             staged_blocks = 0
@@ -212,7 +216,9 @@ class CoreOps:
         block_rows: list[tuple[str, bytes, bytes]] = []
         if new_salt != row["salt"]:
             # Re-key the same blobs under the new salt's hash chain: no tensor copy.
-            hashes = block_hash_chain(token_ids, self.rec.block_size, new_salt, self.rec.hash_algo)
+            chain = block_hash_chain(token_ids, self.rec.block_size, new_salt, self.rec.hash_algo)
+            first = int(row.get("first_block") or 0)
+            hashes = chain[first : first + len(blocks)]
             blocks = [(h, d) for h, (_, d) in zip(hashes, blocks, strict=False)]
             block_rows = [
                 (fp, h, d)
@@ -226,6 +232,7 @@ class CoreOps:
             src,
             str(row.get("description", "")) if description is None else description,
             json.loads(str(row.get("tags") or "[]")) if tags is None else tags,
+            first_block=int(row.get("first_block") or 0),
         )
         self.rec.insert(new_row, blocks, block_rows=block_rows)
         return self.rec.describe(dst)

@@ -135,7 +135,10 @@ def _check_manifest(manifest: Any) -> None:
     block_size = manifest["block_size"]
     if not 0 < block_size <= 1 << 16:
         raise BadImport(f"block_size {block_size} is out of range")
-    if len(manifest["token_ids"]) > (len(manifest["block_hashes"]) + 2) * block_size:
+    first = manifest.get("first_block", 0)  # a sliding window's run starts past block 0
+    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first < 1 << 24:
+        raise BadImport("first_block must be a non-negative integer")
+    if len(manifest["token_ids"]) > (first + len(manifest["block_hashes"]) + 2) * block_size:
         raise BadImport("token_ids are longer than the window's blocks")
 
 

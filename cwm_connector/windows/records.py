@@ -77,8 +77,11 @@ class WindowRecords:
         parent: str | None,
         description: str = "",
         tags: Sequence[str] | None = None,
+        first_block: int = 0,
     ) -> dict[str, object]:
+        """A window row; `first_block` is the position of its first block in the chain."""
         return {
+            "first_block": int(first_block),
             "description": text_arg(description, "description", allow_empty=True),
             "tags": json.dumps(tags_arg(tags)),
             "name": name,

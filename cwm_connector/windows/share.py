@@ -76,7 +76,8 @@ class SharedWindows:
                 f"window {name!r} in redis has a malformed manifest", code="window_damaged"
             ) from exc
         hashes = [h for h, _ in blocks]
-        if hashes != self._hash_chain(list(token_ids), str(salt))[: len(hashes)]:
+        first = int(row.get("first_block") or 0)
+        if hashes != self._hash_chain(list(token_ids), str(salt))[first : first + len(hashes)]:
             raise CwmError(
                 f"window {name!r} in redis names block hashes that are not its tokens' chain",
                 code="window_damaged",

@@ -50,6 +50,7 @@ class TransferOps:
             "token_ids": msgpack.unpackb(row["token_ids"]),
             "block_size": self.rec.block_size,
             "hash_algo": self.rec.hash_algo,
+            "first_block": int(row.get("first_block") or 0),
             "block_hashes": [h.hex() for h, _ in blocks],
             "digests": [d.hex() for _, d in blocks],
             "fingerprint": json.loads(str(row["fingerprint"])),
@@ -103,7 +104,8 @@ class TransferOps:
             token_ids, self.rec.block_size, manifest["salt"], self.rec.hash_algo
         )
         hashes = [bytes.fromhex(h) for h in manifest["block_hashes"]]
-        if hashes != expected[: len(hashes)] or len(hashes) != export.num_blocks:
+        first = manifest.get("first_block", 0)  # checked by open_export
+        if hashes != expected[first : first + len(hashes)] or len(hashes) != export.num_blocks:
             raise WindowError(
                 "import refused: the block hashes do not belong to the window's tokens and salt",
                 code="bad_import",
@@ -125,7 +127,7 @@ class TransferOps:
                 progress(len(digests) + i + 1, total)
             fps = self.rec.catalog.engine_fp_ids(self.rec.engine_fp_id)
             block_rows = [(fp, h, d) for fp in fps for h, d in zip(hashes, digests, strict=True)]
-            row = self.rec.row(name, manifest["salt"], token_ids, parent=None)
+            row = self.rec.row(name, manifest["salt"], token_ids, parent=None, first_block=first)
             blocks = list(zip(hashes, digests, strict=True))
             self.rec.insert(row, blocks, block_rows=block_rows, blob_rows=blob_rows)
         except BaseException:

@@ -268,7 +268,7 @@ def test_health_metrics_text_and_catalog_migration(tmp_path: Path) -> None:
     db.close()
     migrated = Catalog(old / "catalog.sqlite")
     columns = {row[1] for row in migrated._db.execute("PRAGMA table_info(windows)")}
-    assert {"description", "tags"} <= columns
+    assert {"description", "tags", "first_block"} <= columns
 
 
 def test_auto_freeze_ops_trigger_and_keep_last(tmp_path: Path) -> None:
@@ -316,3 +316,37 @@ def test_freeze_fails_fast_when_the_capture_failed(tmp_path: Path) -> None:
     assert err.value.code == "capture_failed" and err.value.retryable
     assert time.monotonic() - started < 5  # not the 30 s durability timeout
     assert svc.records.catalog.get_window("w") is None
+
+
+def test_sliding_window_session_freezes_clones_and_travels_from_its_first_block(
+    tmp_path: Path,
+) -> None:
+    # A sliding window let go of blocks 0..2: the session is blocks 3..4 (issue 13).
+    src = make_service(tmp_path / "a")
+    tokens = list(range(5 * BS + 7))
+    hashes = block_hash_chain(tokens, BS, "s", "sha256")
+    fp = src.records.catalog.engine_fp_ids(src.records.engine_fp_id)[0]
+    raws = [bytes([i]) * 4096 for i in range(5)]
+    rows = [(hashes[i], digest(raws[i])) for i in (3, 4)]
+    for i in (3, 4):
+        src.records.disk.put(digest(raws[i]), [raws[i]])
+    src.records.catalog.add_blocks(fp, rows, [(d, 4096, 4096, "none") for _, d in rows])
+    src.records.sessions.record("s", tokens, hashes[3:5], first_block=3)
+    win = src.core.freeze("s", "w")  # durable: only the real blocks are waited for
+    assert win["blocks"] == 2
+    assert src.records.catalog.get_window("w")[0]["first_block"] == 3
+    thawed = src.core.thaw("w")
+    assert thawed["token_ids"] == tokens and thawed["staged_blocks"] == 0
+    # A clone under a new salt re-keys positions 3..4 of the new salt's chain.
+    src.core.clone("w", "w2", salt="t")
+    row, blocks = src.records.catalog.get_window("w2")
+    assert row["first_block"] == 3
+    assert [h for h, _ in blocks] == block_hash_chain(tokens, BS, "t", "sha256")[3:5]
+    assert [d for _, d in blocks] == [d for _, d in rows]
+    # Export and import keep the position; the import checks the chain there.
+    out = tmp_path / "w.cwm"
+    src.transfer.export("w", str(out))
+    dst = make_service(tmp_path / "b")
+    dst.transfer.import_(str(out), name="back")
+    row, blocks = dst.records.catalog.get_window("back")
+    assert row["first_block"] == 3 and [h for h, _ in blocks] == hashes[3:5]

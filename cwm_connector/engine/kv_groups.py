@@ -1,0 +1,107 @@
+"""What cwm knows of vLLM's KV-cache groups: their kind, window and layers, as plain data.
+
+vLLM hands a connector a `KVCacheConfig` whose groups share a block table each
+(`../shared/VLLM_NOTES.md`, "Hybrid KV caches"). cwm restores a group by its kind:
+
+| kind | blocks a hit at block boundary B needs |
+| --- | --- |
+| `full` | every block before B |
+| `sliding` | the `window_blocks` blocks before B (vLLM's null block elsewhere) |
+| `chunked`, `mamba`, `other` | not restored: cwm stays inert for the model |
+
+The spec classes are read by name (no vLLM import here), so this module is pure
+and its policy is a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+NULL_BLOCK_ID = 0  # vLLM's BlockPool hands its first block as the shared null block
+
+# spec class name -> kind (subclasses are matched through their MRO)
+KIND_BY_SPEC = {
+    "SlidingWindowSpec": "sliding",
+    "ChunkedLocalAttentionSpec": "chunked",
+    "MambaSpec": "mamba",
+    "FullAttentionSpec": "full",  # MLA specs derive from it
+}
+RESTORABLE_KINDS = frozenset({"full", "sliding"})
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """One KV-cache group as cwm plans for it."""
+
+    kind: str
+    block_size: int
+    num_layers: int
+    sliding_window: int | None = None
+    spec: str = ""
+
+    @property
+    def window_blocks(self) -> int | None:
+        """Blocks a hit needs before its boundary (None: every block, full attention)."""
+        if self.kind != "sliding" or self.sliding_window is None:
+            return None
+        return blocks_for_window(self.sliding_window, self.block_size)
+
+
+def blocks_for_window(sliding_window: int, block_size: int) -> int:
+    """Blocks before a boundary that hold the next token's window (vLLM's own rule)."""
+    return max(1, -(-(sliding_window - 1) // block_size))
+
+
+def kind_of(spec: Any) -> str:
+    """The kind of one vLLM KV-cache spec object."""
+    for cls in type(spec).__mro__:
+        if cls.__name__ in KIND_BY_SPEC:
+            return KIND_BY_SPEC[cls.__name__]
+    inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs
+    if isinstance(inner, dict) and inner:
+        kinds = {kind_of(s) for s in inner.values()}
+        if len(kinds) == 1:
+            return kinds.pop()
+    return "other"
+
+
+def describe_groups(kv_cache_config: Any) -> list[GroupSpec]:
+    """The groups of a vLLM KVCacheConfig (empty when there is none)."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    out = []
+    for group in groups:
+        spec = group.kv_cache_spec
+        kind = kind_of(spec)
+        window = getattr(spec, "sliding_window", None) if kind == "sliding" else None
+        out.append(
+            GroupSpec(kind, int(spec.block_size), len(group.layer_names), window,
+                      type(spec).__name__)
+        )  # fmt: skip
+    return out
+
+
+def is_plain(groups: Sequence[GroupSpec]) -> bool:
+    """One full-attention group: the shape every store before issue 13 was made with."""
+    return len(groups) <= 1 and all(g.kind == "full" for g in groups)
+
+
+def fingerprint_field(groups: Sequence[GroupSpec]) -> list[dict[str, Any]] | None:
+    """The groups as the fingerprint records them; None for a plain model (old stores match)."""
+    if is_plain(groups):
+        return None
+    return [asdict(g) for g in groups]
+
+
+def restore_plan(groups: Sequence[GroupSpec]) -> tuple[int | None, str | None]:
+    """(window_blocks, why cwm is inert) for a KV cache: one group cwm can restore, or not."""
+    if not groups:
+        return None, None
+    if len(groups) > 1:
+        kinds = ", ".join(g.kind for g in groups)
+        return None, f"{len(groups)} KV-cache groups ({kinds}) are not restored yet"
+    group = groups[0]
+    if group.kind not in RESTORABLE_KINDS:
+        return None, f"the {group.kind} KV-cache group ({group.spec}) is not restored"
+    return group.window_blocks, None

@@ -1,0 +1,149 @@
+"""Sliding-window and null-block planning (issue 13), without vLLM or torch.
+
+vLLM hands a block that left a sliding window as its null block (id 0): cwm
+never captures it, never names it in a load, and a hit needs only the window's
+blocks before its boundary.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from test_scheduler import BS, hashes, make, stage
+
+from cwm_connector.engine.hit_run import find_hit, ready_end, tail_run
+from cwm_connector.engine.kv_groups import (
+    NULL_BLOCK_ID,
+    blocks_for_window,
+    describe_groups,
+    fingerprint_field,
+    restore_plan,
+)
+from cwm_connector.engine.plans import WorkerReport
+
+
+@pytest.mark.parametrize(
+    ("stored", "start", "window", "expected"),
+    [
+        ([True] * 5, 0, None, (0, 5)),
+        ([True, True, False, True], 0, None, (0, 2)),
+        ([False, True, True, True], 0, None, (0, 0)),
+        # sliding: the largest boundary whose window's blocks are all there
+        ([False, False, True, True, False], 0, 2, (2, 4)),
+        ([False, True, False, True, True], 0, 2, (3, 5)),
+        ([False, False, False, True], 0, 2, (0, 0)),
+        ([True, False, False, False], 0, 2, (0, 1)),  # from the engine's own boundary on
+        ([False, False, True, True], 10, 2, (12, 14)),
+        ([True, True, True, True, True], 3, 2, (6, 8)),
+    ],
+)
+def test_find_hit(
+    stored: list[bool], start: int, window: int | None, expected: tuple[int, int]
+) -> None:
+    assert find_hit(stored, start, window) == expected
+
+
+def test_ready_end_never_serves_a_window_missing_its_first_blocks() -> None:
+    assert ready_end(0, 5, 7, 2) == 7
+    assert ready_end(0, 5, 7, 1) == 0  # block 6's window needs block 5 and 6
+    assert ready_end(3, 3, 7, 2) == 5  # from the engine's boundary: any leading run
+    assert ready_end(3, 3, 7, 0) == 3
+
+
+def test_tail_run_and_window_blocks() -> None:
+    assert tail_run([0, 0, 0, 7, 9, 4], 5, NULL_BLOCK_ID) == 3
+    assert tail_run([5, 6, 7], 3, NULL_BLOCK_ID) == 0
+    assert tail_run([5, 0, 7, 0], 4, NULL_BLOCK_ID) == 4  # the last block is null: no run
+    assert blocks_for_window(64, 32) == 2
+    assert blocks_for_window(4096, 16) == 256
+    assert blocks_for_window(65, 32) == 2
+    assert blocks_for_window(66, 32) == 3
+
+
+def test_capture_skips_null_blocks() -> None:
+    sched, _ = make(set())
+    hs = hashes(8)
+    block_ids = [0, 0, 0, 0, 0, 41, 42, 43]
+    assert sched.request_finished("r", "salt", hs, 8 * BS + 3, block_ids)
+    (job,) = sched.build_plan().captures
+    assert job.block_ids == [41, 42, 43] and job.block_hashes == hs[5:]
+    assert NULL_BLOCK_ID not in job.block_ids
+    assert sched.counters.null_blocks_skipped == 5
+
+
+def test_sliding_hit_stages_only_the_window_and_loads_into_real_blocks() -> None:
+    hs = hashes(34)
+    sched, _ = make(set(hs[29:31]), window_blocks=2)
+    first, plan = stage(sched, "r", hs, 1100)
+    assert first == (None, False)
+    (job,) = plan.stages
+    assert job.block_hashes == hs[29:31]
+    sched.apply_report(WorkerReport(rank=0, staged={job.job_id: 2}))
+    # The hit ends at block 31: 31 blocks of tokens count as computed.
+    assert sched.get_num_new_matched_tokens("r", hs, 1100, 0) == (31 * BS, False)
+    block_ids = [NULL_BLOCK_ID] * 29 + [70, 71] + [72, 73, 74]  # as vLLM allocates them
+    sched.update_state_after_alloc("r", block_ids, 31 * BS)
+    (load,) = sched.build_plan().loads
+    assert load.job_id == job.job_id and load.block_ids == [70, 71]
+
+
+def test_sliding_hit_with_only_part_of_its_window_staged_is_a_miss() -> None:
+    hs = hashes(34)
+    sched, _ = make(set(hs[29:31]), window_blocks=2)
+    _, plan = stage(sched, "r", hs, 1100)
+    sched.apply_report(WorkerReport(rank=0, staged={plan.stages[0].job_id: 1}))
+    assert sched.get_num_new_matched_tokens("r", hs, 1100, 0) == (0, False)
+    assert plan.stages[0].job_id in sched.build_plan().drops
+
+
+def test_a_null_destination_is_never_written_and_becomes_a_recompute() -> None:
+    hs = hashes(34)
+    sched, _ = make(set(hs[29:31]), window_blocks=2)
+    _, plan = stage(sched, "r", hs, 1100)
+    sched.apply_report(WorkerReport(rank=0, staged={plan.stages[0].job_id: 2}))
+    sched.get_num_new_matched_tokens("r", hs, 1100, 0)
+    sched.update_state_after_alloc("r", [NULL_BLOCK_ID] * 30 + [71, 72], 31 * BS)
+    out = sched.build_plan()
+    (load,) = out.loads
+    assert load.job_id < 0 and load.block_ids == [71]  # no staged job: a load error
+    assert plan.stages[0].job_id in out.drops
+    assert sched.counters.null_dest_loads == 1
+
+
+def test_full_attention_plan_is_unchanged_by_window_support() -> None:
+    hs = hashes(6)
+    sched, _ = make(set(hs))
+    _, plan = stage(sched, "r", hs, 6 * BS + 1)
+    assert plan.stages[0].block_hashes == hs
+
+
+def fake_config(*groups: tuple[str, int | None, int]) -> SimpleNamespace:
+    specs = {
+        "full": type("FullAttentionSpec", (), {}),
+        "sliding": type("SlidingWindowSpec", (), {}),
+        "mamba": type("MambaSpec", (), {}),
+    }
+    out = []
+    for kind, window, layers in groups:
+        spec = specs[kind]()
+        spec.block_size, spec.sliding_window = 32, window
+        out.append(
+            SimpleNamespace(kv_cache_spec=spec, layer_names=[f"l{i}" for i in range(layers)])
+        )
+    return SimpleNamespace(kv_cache_groups=out)
+
+
+def test_groups_decide_the_plan_and_the_fingerprint() -> None:
+    plain = describe_groups(fake_config(("full", None, 2)))
+    assert restore_plan(plain) == (None, None) and fingerprint_field(plain) is None
+    sliding = describe_groups(fake_config(("sliding", 64, 2)))
+    assert restore_plan(sliding) == (2, None)
+    assert fingerprint_field(sliding) == [
+        {"kind": "sliding", "block_size": 32, "num_layers": 2, "sliding_window": 64,
+         "spec": "SlidingWindowSpec"}
+    ]  # fmt: skip
+    mamba = describe_groups(fake_config(("full", None, 1), ("mamba", None, 3)))
+    window, why = restore_plan(mamba)
+    assert window is None and why is not None and "mamba" in why
+    assert describe_groups(None) == [] and restore_plan([]) == (None, None)
