@@ -1,9 +1,13 @@
-"""Model families end to end (issue 13): a model whose layers all use sliding-window
-attention, on a real vLLM server with the connector, across a restart.
+"""Model families end to end (issue 13): models with sliding-window layers on a real
+vLLM server with the connector, across a restart.
 
 vLLM hands a block that left the window as its null block (id 0). cwm must never
 capture it, store it under a real hash or write it back: a window holds only the
 run of real blocks before its boundary, and a hit needs only the window's blocks.
+
+Each test compares cwm's restore after a restart with vLLM's own prefix hit of the
+same request on a server without the connector (the same compute shape: a hit of
+the session's blocks, then the new tokens).
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from e2e_tools import BLOCK, EXTERNAL_HITS, outputs, server
 
 from cwm_connector.control.client import ControlClient
 from cwm_connector.demo.tiny_model import TinyModelSpec, build_tiny_model
+from cwm_connector.demo.vllm_process import VllmServer
 from cwm_connector.engine.hash_chain import block_hash_chain
 from cwm_connector.engine.kv_groups import blocks_for_window
 from cwm_connector.stats import read_stats
@@ -29,11 +36,31 @@ WINDOW = 64
 SESSION_TOKENS = 1000
 BRANCH_AT = 600
 SALT = "sliding-session"
+NO_HMA = ["--disable-hybrid-kv-cache-manager"]  # what vLLM does with cwm configured today
 
 
 def token_ids(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(300, 3000) for _ in range(n)]
+
+
+SESSION = token_ids(SESSION_TOKENS, seed=1)
+NEXT_TURN = SESSION + token_ids(100, seed=2)
+BRANCH = SESSION[:BRANCH_AT] + token_ids(200, seed=3)
+CHAIN = block_hash_chain(SESSION, BLOCK, SALT, "sha256")
+SESSION_BLOCKS = SESSION_TOKENS // BLOCK
+
+
+@dataclass
+class Family:
+    model: Path
+    store: Path
+    root: Path
+    reference: dict[str, Any]  # the next turn as vLLM's own prefix hit
+    branch_hit: dict[str, Any]  # the branch as vLLM's own prefix hit
+    branch_cold: dict[str, Any]
+    window: dict[str, Any]
+    stats: dict[str, Any]
 
 
 def cached(resp: dict[str, Any]) -> int:
@@ -47,69 +74,6 @@ def wait_for(pred: Any, timeout_s: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def test_all_sliding_window_model_restores_losslessly_and_never_the_null_block(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    root = tmp_path_factory.mktemp("sliding")
-    spec = TinyModelSpec(layer_types=("sliding_attention",) * 2, sliding_window=WINDOW)
-    model = build_tiny_model(root / "model", spec)
-    store = root / "store"
-    session = token_ids(SESSION_TOKENS, seed=1)
-    next_turn = session + token_ids(100, seed=2)
-    branch = session[:BRANCH_AT] + token_ids(200, seed=3)
-
-    a = server(model, store, root, "A").start()
-    try:
-        a.complete(session, salt=SALT)
-        chain = block_hash_chain(session, BLOCK, SALT, "sha256")
-        boundary = SESSION_TOKENS // BLOCK  # blocks fully inside the session prompt
-        window_blocks = blocks_for_window(WINDOW, BLOCK)
-        wanted = set(chain[boundary - window_blocks : boundary])
-        wait_for(lambda: wanted <= stored_hashes(store))
-        window = ControlClient(store / "control.sock").call("freeze", salt=SALT, name="sw")
-        reference = a.complete(next_turn, salt=SALT)  # vLLM's own prefix hit
-        assert cached(reference) >= 30 * BLOCK
-        branch_before = a.complete(branch, salt=SALT)
-        branch_cold = a.complete(branch, salt="never-seen")  # same tokens, no hit at all
-        assert cached(branch_cold) == 0
-        stats = ControlClient(store / "control.sock").call("stats")
-    finally:
-        a.stop()
-
-    # The session's blocks that left the window were handed as the null block: none of
-    # them is in the catalog, under any table.
-    assert stats["scheduler"]["null_blocks_skipped"] >= boundary - window_blocks - 2
-    left_window = set(chain[: boundary - window_blocks - 1])
-    assert not left_window & stored_hashes(store)
-    with sqlite3.connect(store / "catalog.sqlite") as db:
-        (first_block,) = db.execute("SELECT first_block FROM windows WHERE name='sw'").fetchone()
-        in_window = [bytes(r[0]) for r in db.execute(
-            "SELECT block_hash FROM window_blocks WHERE name='sw' ORDER BY idx")]  # fmt: skip
-    assert not left_window & set(in_window)
-    assert in_window == chain[first_block : first_block + len(in_window)]
-    assert first_block + len(in_window) >= boundary - 1 and len(in_window) >= window_blocks
-    assert window["blocks"] == len(in_window)
-
-    b = server(model, store, root, "B").start()
-    try:
-        thawed = ControlClient(store / "control.sock").call("thaw", name="sw")
-        assert thawed["token_ids"][:SESSION_TOKENS] == session
-        restored = b.complete(next_turn, salt=SALT)
-        hits = b.metric(EXTERNAL_HITS)
-        assert hits >= 30 * BLOCK and cached(restored) == hits
-        assert outputs(restored) == outputs(reference)  # tokens and logprobs, exactly
-        worker = read_stats(store)
-        assert worker["restore_verified_blocks"] == worker["loaded_blocks"] >= window_blocks
-        assert worker.get("restore_mismatch_blocks", 0) == 0
-        # A branch from the middle: its window's blocks were never stored, so it is a
-        # correct recompute (before the restart vLLM's own cache still held them).
-        branch_after = b.complete(branch, salt=SALT)
-        assert b.metric(EXTERNAL_HITS) == hits
-        assert outputs(branch_after)[0] == outputs(branch_before)[0] == outputs(branch_cold)[0]
-    finally:
-        b.stop()
-
-
 def stored_hashes(store: Path) -> set[bytes]:
     """Every block hash the catalog holds (any fingerprint)."""
     path = store / "catalog.sqlite"
@@ -117,3 +81,102 @@ def stored_hashes(store: Path) -> set[bytes]:
         return set()
     with sqlite3.connect(path) as db:
         return {bytes(r[0]) for r in db.execute("SELECT block_hash FROM blocks")}
+
+
+def capture_session(root: Path, spec: TinyModelSpec, wanted: set[bytes]) -> Family:
+    """vLLM alone answers the reference requests; then cwm captures and freezes the session."""
+    model = build_tiny_model(root / "model", spec)
+    plain = VllmServer(str(model), root / "plain.log", extra_args=NO_HMA).start()
+    try:
+        plain.complete(SESSION, salt=SALT)
+        reference = plain.complete(NEXT_TURN, salt=SALT)
+        branch_hit = plain.complete(BRANCH, salt=SALT)
+        branch_cold = plain.complete(BRANCH, salt="never-seen")
+    finally:
+        plain.stop()
+    assert cached(reference) >= 30 * BLOCK and cached(branch_cold) == 0
+    store = root / "store"
+    a = server(model, store, root, "A").start()
+    try:
+        a.complete(SESSION, salt=SALT)
+        wait_for(lambda: wanted <= stored_hashes(store))
+        window = ControlClient(store / "control.sock").call("freeze", salt=SALT, name="win")
+        stats = ControlClient(store / "control.sock").call("stats")
+    finally:
+        a.stop()
+    return Family(model, store, root, reference, branch_hit, branch_cold, window, stats)
+
+
+def test_all_sliding_window_model_restores_losslessly_and_never_the_null_block(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    spec = TinyModelSpec(layer_types=("sliding_attention",) * 2, sliding_window=WINDOW)
+    window_blocks = blocks_for_window(WINDOW, BLOCK)
+    fam = capture_session(
+        tmp_path_factory.mktemp("sliding"),
+        spec,
+        set(CHAIN[SESSION_BLOCKS - window_blocks : SESSION_BLOCKS]),
+    )
+    # The blocks that left the window were handed as the null block: none is in the
+    # catalog, in any table.
+    assert fam.stats["scheduler"]["null_blocks_skipped"] >= SESSION_BLOCKS - window_blocks - 2
+    left_window = set(CHAIN[: SESSION_BLOCKS - window_blocks - 1])
+    assert not left_window & stored_hashes(fam.store)
+    with sqlite3.connect(fam.store / "catalog.sqlite") as db:
+        (first_block,) = db.execute("SELECT first_block FROM windows WHERE name='win'").fetchone()
+        in_window = [bytes(r[0]) for r in db.execute(
+            "SELECT block_hash FROM window_blocks WHERE name='win' ORDER BY idx")]  # fmt: skip
+        (groups,) = db.execute("SELECT fingerprint FROM windows WHERE name='win'").fetchone()
+    assert not left_window & set(in_window)
+    assert in_window == CHAIN[first_block : first_block + len(in_window)]
+    assert first_block + len(in_window) >= SESSION_BLOCKS - 1 and len(in_window) >= window_blocks
+    assert fam.window["blocks"] == len(in_window)
+    assert '"kind":"sliding"' in groups and '"sliding_window":64' in groups
+
+    b = server(fam.model, fam.store, fam.root, "B").start()
+    try:
+        thawed = ControlClient(fam.store / "control.sock").call("thaw", name="win")
+        assert thawed["token_ids"][:SESSION_TOKENS] == SESSION
+        restored = b.complete(NEXT_TURN, salt=SALT)
+        hits = b.metric(EXTERNAL_HITS)
+        assert hits == cached(fam.reference) >= 30 * BLOCK and cached(restored) == hits
+        assert outputs(restored) == outputs(fam.reference)  # tokens and logprobs, exactly
+        worker = read_stats(fam.store)
+        assert worker["restore_verified_blocks"] == worker["loaded_blocks"] >= window_blocks
+        assert worker.get("restore_mismatch_blocks", 0) == 0
+        # A branch from the middle: its window's blocks were never stored, so it is a
+        # correct recompute, as for vLLM alone.
+        branch = b.complete(BRANCH, salt=SALT)
+        assert b.metric(EXTERNAL_HITS) == hits and cached(branch) == 0
+        assert outputs(branch)[0] == outputs(fam.branch_hit)[0] == outputs(fam.branch_cold)[0]
+    finally:
+        b.stop()
+
+
+def test_alternating_sliding_full_model_with_the_hybrid_allocator_off(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # cwm does not declare SupportsHMA yet, so vLLM turns its hybrid allocator off and
+    # keeps full-attention KV in the sliding layers: one full group, every block real.
+    spec = TinyModelSpec(layer_types=("sliding_attention", "full_attention"), sliding_window=WINDOW)
+    fam = capture_session(tmp_path_factory.mktemp("alternating"), spec, set(CHAIN[:SESSION_BLOCKS]))
+    assert "Turning off hybrid kv cache manager" in (fam.root / "A.log").read_text()
+    b = server(fam.model, fam.store, fam.root, "B")
+    b.env = {"VLLM_SERVER_DEV_MODE": "1"}  # for /reset_prefix_cache
+    b.start()
+    try:
+        restored = b.complete(NEXT_TURN, salt=SALT)
+        hits = b.metric(EXTERNAL_HITS)
+        assert hits == SESSION_BLOCKS * BLOCK == cached(fam.reference) == cached(restored)
+        assert outputs(restored) == outputs(fam.reference)
+        # Every block is stored, so a branch from the middle is a hit from cwm too (once
+        # vLLM's own cache no longer holds the blocks the next turn just restored).
+        assert cached(fam.branch_hit) == (BRANCH_AT // BLOCK) * BLOCK
+        requests.post(b.url + "/reset_prefix_cache", timeout=30).raise_for_status()
+        branch = b.complete(BRANCH, salt=SALT)
+        assert b.metric(EXTERNAL_HITS) == hits + (BRANCH_AT // BLOCK) * BLOCK
+        assert outputs(branch) == outputs(fam.branch_hit)
+        assert outputs(branch)[0] == outputs(fam.branch_cold)[0]
+        assert read_stats(fam.store).get("restore_mismatch_blocks", 0) == 0
+    finally:
+        b.stop()
