@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Mapping
@@ -14,6 +15,11 @@ from cwm_connector.errors import ConfigError
 CAPTURE_MODES = ("salted", "all", "off")
 LAYERWISE_MODES = ("auto", "on", "off")
 COMPRESSIONS = ("zstd", "none")
+# Keys of the outside contract (../shared/DESIGN.md) that this version accepts but does not
+# enforce yet (the bounded store, issue 15): named in a warning, never silently dropped.
+RESERVED_KEYS = ("disk_bytes", "disk_min_free", "redis_ttl_s")
+# CWM_* variables that belong to other parts (native build, the MCP server), not to the config.
+OTHER_ENV = ("CWM_BUILD_EXT", "CWM_VLLM_URL", "CWM_VLLM_API_KEY")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,34 @@ class CwmConfig:
                 continue
             values[f.name] = _coerce(f.name, raw, f.type)
         return cls(**values)
+
+
+def config_warnings(
+    extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """One sentence per unknown extra-config key or `CWM_*` variable (with the closest
+    known key), and per reserved key that is not enforced yet (issue 14: typos caught)."""
+    env = os.environ if env is None else env
+    known = [f.name for f in fields(CwmConfig)]
+    out = []
+    for key in sorted(extra or {}):
+        if key in RESERVED_KEYS:
+            out.append(f"kv_connector_extra_config key {key!r} is not enforced by this version")
+        elif key not in known:
+            suggestion = _closest(key, [*known, *RESERVED_KEYS])
+            out.append(f"unknown kv_connector_extra_config key {key!r}{suggestion}")
+    env_known = {f"CWM_{k.upper()}" for k in (*known, *RESERVED_KEYS)} | set(OTHER_ENV)
+    for var in sorted(v for v in env if v.startswith("CWM_") and v not in env_known):
+        names = [f"CWM_{k.upper()}" for k in (*known, *RESERVED_KEYS)]
+        out.append(f"unknown environment variable {var}{_closest(var, names)}")
+    return out
+
+
+def _closest(key: str, known: list[str]) -> str:
+    match = difflib.get_close_matches(key.lower(), [k.lower() for k in known], n=1, cutoff=0.5)
+    if not match:
+        return f" (known: {', '.join(known)})"
+    return f"; did you mean {known[[k.lower() for k in known].index(match[0])]!r}?"
 
 
 def _coerce(name: str, raw: Any, type_name: Any) -> Any:

@@ -14,30 +14,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-    KVConnectorWorkerMetadata,
-)
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
-    KVConnectorPromMetrics,
-    KVConnectorStats,
-)
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
-
-from cwm_connector.config import CwmConfig
+from cwm_connector.config import CwmConfig, config_warnings
 from cwm_connector.control.server import ControlServer
 from cwm_connector.control.worker_channel import ThawStager, WorkerChannels, start_worker_channel
 from cwm_connector.engine.auto_freeze import AutoFreezePolicy, AutoFreezer
 from cwm_connector.engine.fingerprint import (
-    canonical_id,
+    PROBE_FIELD,
     canonical_json,
     engine_fingerprint,
+    fingerprint_id,
     full_fingerprint,
     hash_chain_stable,
 )
-from cwm_connector.engine.hash_chain import block_hash_chain
+from cwm_connector.engine.hash_chain import block_hash_chain, engine_hash_probe
 from cwm_connector.engine.hit_run import tail_run
 from cwm_connector.engine.kv_groups import (
     NULL_BLOCK_ID,
@@ -49,6 +38,16 @@ from cwm_connector.engine.plans import StepPlan, WorkerReport
 from cwm_connector.engine.prom import CwmPromMetrics, CwmStats, DeltaTracker
 from cwm_connector.engine.scheduler import CwmScheduler
 from cwm_connector.engine.sessions import SessionTable
+from cwm_connector.engine.vllm_compat import (
+    DISK_HIT_SOURCE,
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorPromMetrics,
+    KVConnectorRole,
+    KVConnectorStats,
+    KVConnectorWorkerMetadata,
+    log_missing,
+)
 from cwm_connector.engine.worker import CwmWorker
 from cwm_connector.errors import CwmError
 from cwm_connector.stats import Stats, read_stats
@@ -56,6 +55,7 @@ from cwm_connector.store.catalog import Catalog, catalog_path
 from cwm_connector.store.disk import DiskTier
 from cwm_connector.store.memory import MemoryTier
 from cwm_connector.store.tiered import TieredStore
+from cwm_connector.version import vllm_version
 from cwm_connector.windows.service import WindowService
 
 if TYPE_CHECKING:
@@ -99,7 +99,8 @@ class CwmWorkerMetadata(KVConnectorWorkerMetadata):
 class CWMConnector(KVConnectorBase_V1):
     """Captures salted sessions' KV blocks into a durable store and restores them."""
 
-    _cache_hit_source = CacheHitSource.DISK
+    if DISK_HIT_SOURCE is not None:
+        _cache_hit_source = DISK_HIT_SOURCE
 
     def __init__(
         self,
@@ -110,6 +111,10 @@ class CWMConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = self._kv_transfer_config
         self.cfg = CwmConfig.resolve(transfer.kv_connector_extra_config)
+        if role == KVConnectorRole.SCHEDULER:  # once per engine: typos and old vLLM names
+            for warning in config_warnings(transfer.kv_connector_extra_config):
+                logger.warning("cwm: %s", warning)
+            log_missing()
         with contextlib.suppress(OSError):  # a read-only store still serves restores
             self.cfg.store_path.mkdir(parents=True, exist_ok=True)
         self._groups = describe_groups(kv_cache_config)
@@ -117,10 +122,17 @@ class CWMConnector(KVConnectorBase_V1):
         groups_fp = fingerprint_field(self._groups)
         if groups_fp is not None:  # a plain model keeps the fingerprint old stores were made with
             self._engine_fp["kv_groups"] = groups_fp
-        self._engine_fp_id = canonical_id(self._engine_fp)
+        if role == KVConnectorRole.SCHEDULER:  # thaw checks it; the workers need not
+            self._engine_fp[PROBE_FIELD] = engine_hash_probe(
+                vllm_config.cache_config.block_size,
+                vllm_config.cache_config.prefix_caching_hash_algo,
+            )
+        self._engine_fp["vllm_version"] = vllm_version()
+        self._engine_fp_id = fingerprint_id(self._engine_fp)
         self._block_size = vllm_config.cache_config.block_size
         self._scheduler: CwmScheduler | None = None
         self._worker: CwmWorker | None = None
+        self._kv_caches: dict[str, torch.Tensor] | None = None
         self._deltas = DeltaTracker()  # increments for vLLM's /metrics
         self._service: WindowService | None = None
         self._channel: ControlServer | None = None
@@ -289,11 +301,12 @@ class CWMConnector(KVConnectorBase_V1):
         layout = KVLayout(kv_caches, num_blocks, backend=self.cfg.copy_backend)
         rank = _tp_rank()
         doc = full_fingerprint(self._engine_fp, layout.describe(), rank)
-        fp_id = canonical_id(doc)
+        fp_id = fingerprint_id(doc)
         catalog = Catalog(catalog_path(self.cfg.store_path))
         catalog.register_fingerprint(fp_id, self._engine_fp_id, canonical_json(doc))
         catalog.close()
         self._worker = CwmWorker(self.cfg, fp_id, layout, rank)
+        self._kv_caches = kv_caches  # vLLM re-maps the same tensors after a sleep-mode wake-up
         self._channel = start_worker_channel(self.cfg.worker_socket_path(rank), self._worker)
         logger.info(
             "cwm: worker rank %d registered %d KV tensors, %d bytes per block",
@@ -301,6 +314,16 @@ class CWMConnector(KVConnectorBase_V1):
             len(layout.tensors),
             layout.block_bytes,
         )
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM 0.33 sleep mode, before the KV memory is released: drop every view of it."""
+        if self._worker is not None:
+            self._worker.unregister()
+
+    def restore_kv_caches(self) -> None:
+        """vLLM 0.33 sleep mode, after wake-up: rebuild the layout on the KV tensors."""
+        if self._worker is not None and self._kv_caches is not None:
+            self._worker.restore(self._kv_caches)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Run this step's plan: loads scatter now, captures and stages go to threads."""

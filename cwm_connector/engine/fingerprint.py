@@ -22,6 +22,11 @@ import xxhash
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 SLICE_BYTES = 64 * 1024
 STABLE_HASH_ALGOS = ("sha256", "sha256_cbor")
+# Checked by thaw but not part of the catalog's engine id, so stores made before these
+# fields existed keep their blocks (issue 14): a probe of vLLM's block hashing, compared
+# only when both sides have one, and the vLLM version, for information only.
+PROBE_FIELD = "hash_probe"
+INFO_FIELDS = ("vllm_version",)
 
 
 def canonical_json(doc: Mapping[str, Any]) -> str:
@@ -32,6 +37,11 @@ def canonical_json(doc: Mapping[str, Any]) -> str:
 def canonical_id(doc: Mapping[str, Any]) -> str:
     """A short stable id of a JSON-able mapping."""
     return xxhash.xxh3_128_hexdigest(canonical_json(doc).encode())
+
+
+def fingerprint_id(doc: Mapping[str, Any]) -> str:
+    """The catalog's id of a fingerprint: every field but the probe and the info fields."""
+    return canonical_id({k: v for k, v in doc.items() if k != PROBE_FIELD and k not in INFO_FIELDS})
 
 
 def hash_chain_stable(hash_algo: str, env: Mapping[str, str] | None = None) -> bool:
@@ -106,5 +116,17 @@ def full_fingerprint(
 
 
 def differing_fields(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Names of the top-level fields whose values differ (for clear refusals)."""
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    """Names of the top-level fields whose values differ (for clear refusals).
+
+    Info fields never differ; the hash probe differs only when both sides have one
+    (a window frozen before probes existed is checked by the other fields).
+    """
+
+    def differs(key: str) -> bool:
+        if key in INFO_FIELDS:
+            return False
+        if key == PROBE_FIELD and (a.get(key) is None or b.get(key) is None):
+            return False
+        return a.get(key) != b.get(key)
+
+    return sorted(k for k in set(a) | set(b) if differs(k))

@@ -45,11 +45,32 @@ class KVLayout:
         ]
         self.block_bytes = sum(self.layer_block_bytes)
         self.device = self.tensors[0].device
-        self.copier = BlockCopier(self.tensors, self.block_dims, backend)
+        self.copier: BlockCopier | None = BlockCopier(self.tensors, self.block_dims, backend)
         self.backend = self.copier.backend  # resolved: torch | triton | native
+        self._description = self._describe()
+
+    def release(self) -> None:
+        """Drop every view of the KV tensors (vLLM's sleep mode frees their memory)."""
+        self.tensors = []
+        self.copier = None
+
+    def rebind(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Use the tensors vLLM registers again after a wake-up (same geometry, new memory)."""
+        fresh = KVLayout(kv_caches, self.num_blocks, self.backend)
+        if fresh.describe() != self._description or fresh.layer_names != self.layer_names:
+            raise ValueError("the KV caches after wake-up differ from the registered ones")
+        self.tensors, self.copier, self.device = fresh.tensors, fresh.copier, fresh.device
 
     def describe(self) -> dict[str, Any]:
         """The layout facts that go into the fingerprint."""
+        return self._description
+
+    def _live_copier(self) -> BlockCopier:
+        if self.copier is None:
+            raise RuntimeError("the KV caches are unregistered (vLLM sleep mode)")
+        return self.copier
+
+    def _describe(self) -> dict[str, Any]:
         shapes = sorted(
             {
                 (tuple(shape), str(t.dtype), d)
@@ -89,7 +110,7 @@ class KVLayout:
         """
         self._check(block_ids, out)
         return self._run(
-            block_ids, stream, lambda ids: self.copier.gather(ids, len(block_ids), out)
+            block_ids, stream, lambda ids: self._live_copier().gather(ids, len(block_ids), out)
         )
 
     def scatter(
@@ -107,7 +128,9 @@ class KVLayout:
         """
         self._check(block_ids, src)
         return self._run(
-            block_ids, stream, lambda ids: self.copier.scatter(ids, len(block_ids), src, layers)
+            block_ids,
+            stream,
+            lambda ids: self._live_copier().scatter(ids, len(block_ids), src, layers),
         )
 
     def scatter_by_layer(
@@ -127,7 +150,7 @@ class KVLayout:
             on_device = [(self._device_ids(ids), len(ids), src) for ids, src in parts]
             for layer in range(len(self.tensors)):
                 for ids, num, src in on_device:
-                    self.copier.scatter(ids, num, src, [layer])
+                    self._live_copier().scatter(ids, num, src, [layer])
                 event = torch.cuda.Event()
                 event.record(stream)
                 events.append(event)

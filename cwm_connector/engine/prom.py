@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+from cwm_connector.engine.vllm_compat import (
     KVConnectorPromMetrics,
     KVConnectorStats,
+    metric_class,
 )
 
 # Counters exported, by where they are counted (worker stats file or scheduler counters).
@@ -108,15 +109,21 @@ class CwmPromMetrics(KVConnectorPromMetrics):
         per_engine_labelvalues: dict[int, list[object]],
     ):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        counter_cls = metric_class(metric_types, "Counter", self, "_counter_cls")
+        histogram_cls = metric_class(metric_types, "Histogram", self, "_histogram_cls")
+        if counter_cls is None or histogram_cls is None:  # a vLLM that moved them: no metrics
+            self._counters: dict[str, dict[int, Any]] = {}
+            self._histograms: dict[str, dict[int, Any]] = {}
+            return
         self._counters = {
             name: self._per_engine(
-                self._counter_cls(name=f"cwm:{name}", documentation=doc, labelnames=labelnames)
+                counter_cls(name=f"cwm:{name}", documentation=doc, labelnames=labelnames)
             )
             for name, doc in COUNTERS.items()
         }
         self._histograms = {
             name: self._per_engine(
-                self._histogram_cls(
+                histogram_cls(
                     name=f"cwm:{name}",
                     documentation=f"cwm {name.split('_')[0]} latency",
                     labelnames=labelnames,

@@ -201,6 +201,24 @@ class CwmWorker:
             self._capturing -= done
         return done
 
+    def unregister(self, timeout_s: float = 30.0) -> None:
+        """Before sleep mode: finish the gathers of kept blocks, then drop every KV view."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._capturing <= self._gathered:
+                    break
+            time.sleep(0.01)
+        else:
+            logger.warning("cwm: sleep mode went on with captures still gathering")
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        self.layout.release()
+
+    def restore(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """After a wake-up: copy to and from the tensors vLLM registers now."""
+        self.layout.rebind(kv_caches)
+
     def take_load_errors(self) -> set[int]:
         """Block ids that failed to load since the last call (this step's loads complete)."""
         return self.loader.take_errors()

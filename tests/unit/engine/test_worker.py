@@ -133,3 +133,34 @@ def test_memory_budget_limits_staging(tmp_path: Path) -> None:
     worker.submit(StepPlan(stages=[StageJob(2, hashes)]))
     assert wait_report(worker, lambda r: 2 in r.staged).staged[2] == 2
     worker.shutdown()
+
+
+def test_sleep_mode_drops_every_view_and_restores_into_the_new_tensors(tmp_path: Path) -> None:
+    # vLLM 0.33 sleep mode (issue 14): unregister before the KV memory goes, restore after.
+    import gc
+    import weakref
+
+    old = make_caches(LAYOUTS["cpu"], seed=6)
+    worker = make_worker(tmp_path, old)
+    hashes = [b"s1", b"s2"]
+    worker.submit(StepPlan(captures=[CaptureJob("req", [1, 2], hashes)]))
+    wait_report(worker, lambda r: len(r.stored) == 2)
+    expected = {name: [t[1].clone(), t[2].clone()] for name, t in old.items()}
+    worker.unregister()
+    refs = [weakref.ref(t) for t in old.values()]
+    del old
+    gc.collect()
+    assert all(ref() is None for ref in refs)  # nothing in cwm holds the old tensors
+    with pytest.raises(RuntimeError, match="sleep mode"):
+        worker.layout.gather([0], worker.layout.new_buffer(1))
+    new = make_caches(LAYOUTS["cpu"], seed=7)
+    worker.restore(new)
+    worker.submit(StepPlan(stages=[StageJob(3, hashes)]))
+    assert wait_report(worker, lambda r: 3 in r.staged).staged[3] == 2
+    worker.submit(StepPlan(loads=[LoadJob("req2", 3, [5, 6])]))
+    assert worker.take_load_errors() == set()
+    for name, (b1, b2) in expected.items():
+        assert torch.equal(new[name][5], b1) and torch.equal(new[name][6], b2)
+    with pytest.raises(ValueError, match="differ"):
+        worker.restore(make_caches((NUM_BLOCKS, 2, 32, 64), seed=8))  # another geometry
+    worker.shutdown()

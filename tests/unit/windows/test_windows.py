@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cwm_connector.engine.fingerprint import canonical_id
+from cwm_connector.engine.fingerprint import fingerprint_id
 from cwm_connector.engine.hash_chain import block_hash_chain
 from cwm_connector.engine.sessions import SessionTable, salt_digest
 from cwm_connector.errors import CwmError
@@ -24,7 +24,7 @@ ENGINE = {"model": "tiny", "dtype": "bfloat16", "block_size": BS}
 
 def make_service(store: Path, engine: dict[str, Any] | None = None) -> WindowService:
     engine = engine or ENGINE
-    engine_id = canonical_id(engine)
+    engine_id = fingerprint_id(engine)
     Catalog(store / "catalog.sqlite").register_fingerprint("fp-" + engine_id, engine_id, "{}")
     return WindowService(
         store_dir=store,
@@ -100,6 +100,42 @@ def test_thaw_refuses_other_engine_and_names_fields(tmp_path: Path) -> None:
     with pytest.raises(CwmError) as err:
         other.core.thaw("w")
     assert err.value.code == "fingerprint_mismatch" and "dtype" in err.value.message
+
+
+class RecordingStager:
+    """A worker channel that records what it was asked to stage (nothing is staged)."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[bytes]] = []
+
+    def prestage(self, hashes: list[bytes]) -> dict[str, object]:
+        self.asked.append(list(hashes))
+        return {"staged": len(hashes), "failed": []}
+
+    def resident(self, hashes: list[bytes]) -> int:
+        return 0
+
+
+def test_thaw_refuses_a_changed_hash_probe_and_promises_nothing(tmp_path: Path) -> None:
+    # Issue 14: a vLLM whose block hashing changed gives another probe; the catalog's
+    # engine id ignores the probe and the vLLM version, so old windows stay reachable.
+    svc = make_service(tmp_path, {**ENGINE, "hash_probe": "p1", "vllm_version": "0.32.0"})
+    capture(svc, "s", list(range(70)))
+    svc.core.freeze("s", "w")
+    patch = make_service(tmp_path, {**ENGINE, "hash_probe": "p1", "vllm_version": "0.32.1"})
+    assert patch.core.thaw("w")["blocks"] == 2  # a patch release with the same hashes
+    changed = make_service(tmp_path, {**ENGINE, "hash_probe": "p2", "vllm_version": "0.33.0"})
+    changed.core.channels = stager = RecordingStager()
+    with pytest.raises(CwmError) as err:
+        changed.core.thaw("w")
+    assert err.value.code == "fingerprint_mismatch" and "hash_probe" in err.value.message
+    assert "vllm_version" not in err.value.message and stager.asked == []
+    # A window frozen before probes existed is checked by the other fields only.
+    old = make_service(tmp_path / "old")
+    capture(old, "s", list(range(70)))
+    old.core.freeze("s", "w")
+    probed = make_service(tmp_path / "old", {**ENGINE, "hash_probe": "p3"})
+    assert probed.core.thaw("w")["blocks"] == 2
 
 
 def test_corrupt_blob_makes_window_damaged(tmp_path: Path) -> None:
