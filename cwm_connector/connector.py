@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from cwm_connector.config import CwmConfig, config_warnings
@@ -26,12 +26,16 @@ from cwm_connector.engine.fingerprint import (
     full_fingerprint,
     hash_chain_stable,
 )
+from cwm_connector.engine.group_workers import GroupWorkers
 from cwm_connector.engine.hash_chain import block_hash_chain, engine_hash_probe
 from cwm_connector.engine.hit_run import tail_run
 from cwm_connector.engine.kv_groups import (
     NULL_BLOCK_ID,
     describe_groups,
     fingerprint_field,
+    group_engine_ids,
+    group_fingerprint,
+    group_layer_names,
     restore_plan,
 )
 from cwm_connector.engine.plans import StepPlan, WorkerReport
@@ -46,6 +50,7 @@ from cwm_connector.engine.vllm_compat import (
     KVConnectorRole,
     KVConnectorStats,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
     log_missing,
 )
 from cwm_connector.engine.worker import CwmWorker
@@ -81,7 +86,7 @@ CATALOG_RETRY_S = 10.0
 class CwmConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> worker: this step's plan (ids and hashes only)."""
 
-    plan: StepPlan = field(default_factory=StepPlan)
+    plans: list[StepPlan] = field(default_factory=list)  # one per KV-cache group
 
 
 @dataclass
@@ -96,7 +101,7 @@ class CwmWorkerMetadata(KVConnectorWorkerMetadata):
         return CwmWorkerMetadata(self.reports + other.reports)
 
 
-class CWMConnector(KVConnectorBase_V1):
+class CWMConnector(KVConnectorBase_V1, SupportsHMA):
     """Captures salted sessions' KV blocks into a durable store and restores them."""
 
     if DISK_HIT_SOURCE is not None:
@@ -129,9 +134,13 @@ class CWMConnector(KVConnectorBase_V1):
             )
         self._engine_fp["vllm_version"] = vllm_version()
         self._engine_fp_id = fingerprint_id(self._engine_fp)
+        # Each KV-cache group's blocks are keyed apart: a hybrid model's groups are
+        # separate engines to the catalog (a plain model keeps its one id).
+        self._group_fp_ids = group_engine_ids(self._engine_fp, len(self._groups))
         self._block_size = vllm_config.cache_config.block_size
+        self._windows, self._inert = restore_plan(self._groups, self._block_size)
         self._scheduler: CwmScheduler | None = None
-        self._worker: CwmWorker | None = None
+        self._worker: GroupWorkers | None = None
         self._kv_caches: dict[str, torch.Tensor] | None = None
         self._deltas = DeltaTracker()  # increments for vLLM's /metrics
         self._service: WindowService | None = None
@@ -157,7 +166,7 @@ class CWMConnector(KVConnectorBase_V1):
                 '"kv_load_failure_policy":"recompute" to recompute it instead.',
                 failure_policy,
             )
-        window_blocks, inert = restore_plan(self._groups)
+        windows, inert = self._windows, self._inert
         if inert is not None:
             logger.warning(
                 "cwm: %s; cwm captures and restores nothing for this model (vLLM serves it "
@@ -169,20 +178,22 @@ class CWMConnector(KVConnectorBase_V1):
         self._catalog = Catalog(catalog_path(self.cfg.store_path), timeout_s=1.0)
         self._catalog_retry_at = time.monotonic()
         self._sched_stats = Stats(self.cfg.store_path / "stats" / "scheduler.json")
-        engine_fp_id = self._engine_fp_id
         # The engine thread asks Redis only with a short timeout, behind a circuit breaker.
         self._redis = _redis_tier(self.cfg.redis_url, socket_timeout_s=SCHEDULER_REDIS_TIMEOUT_S)
         redis = self._redis
 
-        def lookup(hashes: Any) -> set[bytes]:
+        group_ids = self._group_fp_ids
+
+        def lookup(hashes: Any, group: int = 0) -> set[bytes]:
             if not hashes:
                 return set()
             catalog = self._engine_catalog()
-            found = catalog.stored_hashes(engine_fp_id, hashes)
+            engine_id = group_ids[group]
+            found = catalog.stored_hashes(engine_id, hashes)
             if redis is not None and len(found) < len(hashes):
                 rest = [h for h in hashes if h not in found]
                 per_rank = [set(redis.get_blocks(fp, rest)) for fp in catalog.engine_fp_ids(
-                    engine_fp_id)]  # fmt: skip
+                    engine_id)]  # fmt: skip
                 if per_rank:
                     found |= set.intersection(*per_rank)
             return found
@@ -194,7 +205,7 @@ class CWMConnector(KVConnectorBase_V1):
             capture=self.cfg.capture if stable else "off",
             restore=stable,
             stage_timeout_s=self.cfg.stage_timeout_s,
-            window_blocks=window_blocks,
+            windows=windows,
         )
         self._sessions = SessionTable()
         self._auto = AutoFreezer(
@@ -294,26 +305,47 @@ class CWMConnector(KVConnectorBase_V1):
 
     # -- worker side -------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Learn the KV layout, register this worker's fingerprint, start the threads."""
+        """Learn each KV-cache group's layout, register its fingerprint, start the threads.
+
+        A model cwm does not restore (its scheduler side said why at start-up), or a
+        layout cwm cannot read, leaves the worker side off: vLLM serves as usual.
+        """
+        if self._inert is not None:
+            return
+        try:
+            self._start_workers(kv_caches)
+        except Exception:
+            logger.exception("cwm: cannot read this KV cache layout; cwm copies nothing")
+            self._worker = None
+
+    def _start_workers(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from cwm_connector.engine.kv_layout import KVLayout
 
         num_blocks = self._kv_cache_config.num_blocks
-        layout = KVLayout(kv_caches, num_blocks, backend=self.cfg.copy_backend)
         rank = _tp_rank()
-        doc = full_fingerprint(self._engine_fp, layout.describe(), rank)
-        fp_id = fingerprint_id(doc)
+        names = group_layer_names(self._kv_cache_config, list(kv_caches))
+        stats = Stats(self.cfg.store_path / "stats" / f"worker-rank{rank}.json")
+        cfg = replace(self.cfg, memory_bytes=max(1, self.cfg.memory_bytes // len(names)))
         catalog = Catalog(catalog_path(self.cfg.store_path))
-        catalog.register_fingerprint(fp_id, self._engine_fp_id, canonical_json(doc))
+        workers = []
+        for group, layer_names in enumerate(names):
+            caches = {name: kv_caches[name] for name in layer_names}
+            layout = KVLayout(caches, num_blocks, backend=self.cfg.copy_backend)
+            engine_fp = group_fingerprint(self._engine_fp, group, len(names))
+            doc = full_fingerprint(engine_fp, layout.describe(), rank)
+            fp_id = fingerprint_id(doc)
+            catalog.register_fingerprint(fp_id, self._group_fp_ids[group], canonical_json(doc))
+            workers.append(CwmWorker(cfg, fp_id, layout, rank, group=group, stats=stats))
+            logger.info(
+                "cwm: worker rank %d group %d: %d KV tensors, %d bytes per block",
+                rank, group, len(layout.tensors), layout.block_bytes,
+            )  # fmt: skip
         catalog.close()
-        self._worker = CwmWorker(self.cfg, fp_id, layout, rank)
+        layer_groups = {name: g for g, group_names in enumerate(names) for name in group_names}
+        self._worker = GroupWorkers(workers, layer_groups)
         self._kv_caches = kv_caches  # vLLM re-maps the same tensors after a sleep-mode wake-up
-        self._channel = start_worker_channel(self.cfg.worker_socket_path(rank), self._worker)
-        logger.info(
-            "cwm: worker rank %d registered %d KV tensors, %d bytes per block",
-            rank,
-            len(layout.tensors),
-            layout.block_bytes,
-        )
+        # Thaw prestages through one group's worker (windows are single-group).
+        self._channel = start_worker_channel(self.cfg.worker_socket_path(rank), workers[0])
 
     def unregister_kv_caches(self) -> None:
         """vLLM 0.33 sleep mode, before the KV memory is released: drop every view of it."""
@@ -321,7 +353,7 @@ class CWMConnector(KVConnectorBase_V1):
             self._worker.unregister()
 
     def restore_kv_caches(self) -> None:
-        """vLLM 0.33 sleep mode, after wake-up: rebuild the layout on the KV tensors."""
+        """vLLM 0.33 sleep mode, after wake-up: rebuild the layouts on the KV tensors."""
         if self._worker is not None and self._kv_caches is not None:
             self._worker.restore(self._kv_caches)
 
@@ -331,7 +363,7 @@ class CWMConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, CwmConnectorMetadata)
-        self._worker.submit(meta.plan, by_layer=self._by_layer(forward_context))
+        self._worker.submit(meta.plans, by_layer=self._by_layer(forward_context))
 
     def _by_layer(self, forward_context: ForwardContext) -> bool:
         """Load layer by layer unless off, or the forward is a full CUDA graph (no Python
@@ -343,7 +375,7 @@ class CWMConnector(KVConnectorBase_V1):
         return getattr(runtime, "name", "NONE") != "FULL"
 
     def _worker_is_cuda(self) -> bool:
-        return self._worker is not None and self._worker.layout.is_cuda
+        return self._worker is not None and self._worker.is_cuda
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Before this layer's attention: its restored blocks are in place (layer by
@@ -377,8 +409,8 @@ class CWMConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         """Report staging results and finished captures to the scheduler."""
-        report = None if self._worker is None else self._worker.take_report()
-        return None if report is None else CwmWorkerMetadata([report])
+        reports = [] if self._worker is None else self._worker.take_reports()
+        return CwmWorkerMetadata(reports) if reports else None
 
     def shutdown(self) -> None:
         """Let queued writes finish (bounded); close the control socket."""
@@ -407,14 +439,15 @@ class CWMConnector(KVConnectorBase_V1):
         if num_external_tokens == 0:
             self._scheduler.update_state_after_alloc(request.request_id, [], 0)
             return
-        block_ids = blocks.get_block_ids()[0]
-        self._scheduler.update_state_after_alloc(request.request_id, block_ids, num_external_tokens)
+        self._scheduler.update_state_after_alloc_groups(
+            request.request_id, blocks.get_block_ids(), num_external_tokens
+        )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """Hand this step's plan to the workers."""
         assert self._scheduler is not None
         self._flush_scheduler_stats()
-        return CwmConnectorMetadata(self._scheduler.build_plan())
+        return CwmConnectorMetadata(self._scheduler.build_plans())
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Fold worker reports into the plans."""
@@ -428,24 +461,30 @@ class CWMConnector(KVConnectorBase_V1):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         """Keep a finished request's new full blocks until the worker copied them."""
+        return self.request_finished_all_groups(request, (block_ids,))
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Keep every KV-cache group's new real blocks until its worker copied them."""
         assert self._scheduler is not None
         if request.cache_salt:
+            ids = block_ids[0]
             num_full = min(
-                len(request.block_hashes),
-                request.num_computed_tokens // self._block_size,
-                len(block_ids),
+                len(request.block_hashes), request.num_computed_tokens // self._block_size, len(ids)
             )
             # A sliding window keeps only its last blocks: the session is the run of real
             # blocks ending at its last full block (issue 13).
-            first = tail_run(block_ids, num_full, NULL_BLOCK_ID)
+            first = tail_run(ids, num_full, NULL_BLOCK_ID)
             self._sessions.record(
                 request.cache_salt,
                 list(request.all_token_ids),
                 request.block_hashes[first:num_full],
                 first_block=first,
             )
-            self._maybe_auto_freeze(request.cache_salt, request.num_tokens)
-        keep = self._scheduler.request_finished(
+            if len(block_ids) == 1:  # windows hold one group's blocks (README, Models)
+                self._maybe_auto_freeze(request.cache_salt, request.num_tokens)
+        keep = self._scheduler.request_finished_groups(
             request.request_id,
             request.cache_salt,
             request.block_hashes,

@@ -17,28 +17,58 @@ def find_hit(is_stored: Sequence[bool], start: int, window_blocks: int | None) -
     `is_stored[i]` says whether block `start + i` is in the store. end == start
     means no hit.
     """
-    if window_blocks is None:
-        run = 0
-        while run < len(is_stored) and is_stored[run]:
-            run += 1
-        return start, start + run
-    contiguous = 0
-    best = (start, start)
-    for i, stored in enumerate(is_stored):
-        contiguous = contiguous + 1 if stored else 0
-        if contiguous >= window_blocks or contiguous == i + 1:
-            end = start + i + 1
-            best = (max(start, end - window_blocks), end)
-    return best
+    end = common_end([is_stored], start, [window_blocks])
+    return span(start, end, window_blocks), end
+
+
+def span(start: int, end: int, window_blocks: int | None) -> int:
+    """The first block a group must provide for a hit [start, end)."""
+    return start if window_blocks is None else max(start, end - window_blocks)
+
+
+def common_end(
+    stored_by_group: Sequence[Sequence[bool]], start: int, windows: Sequence[int | None]
+) -> int:
+    """The largest boundary every group can serve from its stored blocks (start: none).
+
+    Linear in the blocks: a full group's run from `start` caps the boundary; a sliding
+    group needs a stored run of min(window, end - start) blocks ending at the boundary.
+    """
+    limit = start + min((len(s) for s in stored_by_group), default=0)
+    runs: list[list[int]] = []
+    for stored, window in zip(stored_by_group, windows, strict=True):
+        run, ending = 0, []
+        for is_stored in stored:
+            run = run + 1 if is_stored else 0
+            ending.append(run)
+        runs.append(ending)
+        if window is None:
+            full = next((i for i, s in enumerate(stored) if not s), len(stored))
+            limit = min(limit, start + full)
+    for end in range(limit, start, -1):
+        if all(
+            w is None or run[end - start - 1] >= min(w, end - start)
+            for run, w in zip(runs, windows, strict=True)
+        ):
+            return end
+    return start
+
+
+def served_end(start: int, end: int, firsts: Sequence[int], num_ready: Sequence[int]) -> int:
+    """The boundary the verified leading blocks of every group's [first, end) still serve.
+
+    A group whose span starts past `start` (a sliding window) serves only `end` itself;
+    one that starts at `start` serves any boundary its leading run covers.
+    """
+    cap = min([end, *(first + ready for first, ready in zip(firsts, num_ready, strict=True))])
+    if cap < end and any(first > start for first in firsts):
+        return start
+    return max(start, cap)
 
 
 def ready_end(start: int, first: int, end: int, num_ready: int) -> int:
     """The boundary that `num_ready` leading verified blocks of [first, end) still serve."""
-    if num_ready >= end - first:
-        return end
-    if first == start:  # every block from the engine's boundary on is in hand
-        return start + num_ready
-    return start  # a window missing its first blocks serves nothing
+    return served_end(start, end, [first], [num_ready])
 
 
 def tail_run(block_ids: Sequence[int], num_full: int, null_block_id: int) -> int:

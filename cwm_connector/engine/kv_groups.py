@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cwm_connector.engine.fingerprint import fingerprint_id
+
 NULL_BLOCK_ID = 0  # vLLM's BlockPool hands its first block as the shared null block
 
 # spec class name -> kind (subclasses are matched through their MRO)
@@ -94,14 +96,44 @@ def fingerprint_field(groups: Sequence[GroupSpec]) -> list[dict[str, Any]] | Non
     return [asdict(g) for g in groups]
 
 
-def restore_plan(groups: Sequence[GroupSpec]) -> tuple[int | None, str | None]:
-    """(window_blocks, why cwm is inert) for a KV cache: one group cwm can restore, or not."""
+def restore_plan(
+    groups: Sequence[GroupSpec], block_size: int | None = None
+) -> tuple[list[int | None], str | None]:
+    """(each group's window_blocks, why cwm is inert) for a KV cache.
+
+    Every group must be full or sliding-window attention, with the engine's block
+    size (vLLM hashes blocks of that size); else cwm stays inert for the model.
+    """
     if not groups:
-        return None, None
-    if len(groups) > 1:
-        kinds = ", ".join(g.kind for g in groups)
-        return None, f"{len(groups)} KV-cache groups ({kinds}) are not restored yet"
-    group = groups[0]
-    if group.kind not in RESTORABLE_KINDS:
-        return None, f"the {group.kind} KV-cache group ({group.spec}) is not restored"
-    return group.window_blocks, None
+        return [None], None
+    for group in groups:
+        if group.kind not in RESTORABLE_KINDS:
+            return [None], f"the {group.kind} KV-cache group ({group.spec}) is not restored"
+        if block_size is not None and group.block_size != block_size:
+            return [None], (
+                f"a KV-cache group's block size {group.block_size} differs from the engine's "
+                f"{block_size}"
+            )
+    return [g.window_blocks for g in groups], None
+
+
+def group_fingerprint(engine_fp: dict[str, Any], group: int, num_groups: int) -> dict[str, Any]:
+    """The fingerprint one group's blocks are stored under (the engine's, for one group)."""
+    return dict(engine_fp) if num_groups <= 1 else {**engine_fp, "kv_group": group}
+
+
+def group_engine_ids(engine_fp: dict[str, Any], num_groups: int) -> list[str]:
+    """The catalog engine id of each group (a plain model: the engine's own id)."""
+    return [
+        fingerprint_id(group_fingerprint(engine_fp, g, num_groups))
+        for g in range(max(1, num_groups))
+    ]
+
+
+def group_layer_names(kv_cache_config: Any, registered: Sequence[str]) -> list[list[str]]:
+    """Each group's layers among the registered tensors (one group of all when unknown)."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    names = [[n for n in g.layer_names if n in set(registered)] for g in groups]
+    if len(names) <= 1 or not all(names):
+        return [list(registered)]
+    return names

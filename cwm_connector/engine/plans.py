@@ -53,6 +53,7 @@ class WorkerReport:
     """What one worker finished since its last report."""
 
     rank: int
+    group: int = 0  # the KV-cache group this worker copies
     staged: dict[int, int] = field(default_factory=dict)  # job id -> leading blocks verified
     stored: list[bytes] = field(default_factory=list)  # block hashes now durable
     store_failed: list[bytes] = field(default_factory=list)

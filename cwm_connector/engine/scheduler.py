@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cwm_connector.engine.hit_run import find_hit, ready_end
+from cwm_connector.engine.hit_run import common_end, served_end, span
 from cwm_connector.engine.kv_groups import NULL_BLOCK_ID
 from cwm_connector.engine.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
 
@@ -36,20 +36,31 @@ NO_JOB = -1  # a load with no staged blocks: every block in it is a load error
 
 
 class StoredLookup(Protocol):
-    """Answers which block hashes the store holds for this engine."""
+    """Answers which block hashes the store holds for this engine (and KV-cache group)."""
 
-    def __call__(self, hashes: Sequence[bytes]) -> set[bytes]: ...
+    def __call__(self, hashes: Sequence[bytes], group: int = 0) -> set[bytes]: ...
+
+
+@dataclass(slots=True)
+class _GroupStage:
+    """One KV-cache group's share of a hit: its staged blocks [first_block, end)."""
+
+    job_id: int
+    first_block: int
+    rank_results: dict[int, int] = field(default_factory=dict)
+    num_blocks_ready: int | None = None  # set once every rank reported
 
 
 @dataclass(slots=True)
 class _PendingHit:
-    job_id: int
     start_block: int  # the engine's own hit, in blocks, when the lookup began
-    num_blocks_asked: int
+    end_block: int  # the boundary every group can serve
     submitted_at: float
-    first_block: int = -1  # where the staged blocks begin (< 0: at start_block)
-    rank_results: dict[int, int] = field(default_factory=dict)
-    num_blocks_ready: int | None = None  # set once every rank reported (or on timeout)
+    stages: list[_GroupStage]
+
+    @property
+    def is_ready(self) -> bool:
+        return all(s.num_blocks_ready is not None for s in self.stages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +102,13 @@ class CwmScheduler:
         restore: bool = True,
         stage_timeout_s: float = 10.0,
         window_blocks: int | None = None,
+        windows: Sequence[int | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.block_size = block_size
-        # None: full attention (a hit needs every block before it); else a sliding
-        # window: a hit needs only this many blocks before its boundary (issue 13).
-        self.window_blocks = window_blocks
+        # One entry per KV-cache group: None for full attention (a hit needs every block
+        # before it), else a sliding window's blocks before its boundary (issue 13).
+        self.windows = list(windows) if windows is not None else [window_blocks]
         self.tp_size = tp_size
         self.capture = capture
         self.restore = restore
@@ -105,9 +117,9 @@ class CwmScheduler:
         self._clock = clock
         self._job_ids = itertools.count(1)
         self._pending: dict[str, _PendingHit] = {}
-        self._job_to_req: dict[int, str] = {}
-        self._inflight_capture: set[bytes] = set()
-        self._plan = StepPlan()
+        self._job_to_req: dict[int, tuple[str, int]] = {}  # job -> (request, group)
+        self._inflight_capture: set[tuple[int, bytes]] = set()
+        self._plans = [StepPlan() for _ in self.windows]
         self.counters = SchedulerCounters()
         # Written by control-socket threads (thaw), read by the engine thread.
         self._ready_lock = threading.Lock()
@@ -136,42 +148,52 @@ class CwmScheduler:
         if not self.restore or start >= max_blocks:
             return 0, False
         if pending is None:
-            prestaged = start == 0 and self.window_blocks is None
+            prestaged = start == 0 and self.windows == [None]
             if prestaged and (hit := self._take_ready(block_hashes[:max_blocks])) is not None:
                 return self._promise_ready(req_id, *hit)
             return self._begin_lookup(req_id, block_hashes[start:max_blocks], start)
-        if pending.num_blocks_ready is None:
+        if not pending.is_ready:
             if self._clock() - pending.submitted_at < self.stage_timeout_s:
                 return None, False
             logger.warning("cwm: staging for %s timed out; recomputing", req_id)
             self.counters.stage_timeouts += 1
             self._forget(req_id)
             return 0, False
-        first = pending.first_block if pending.first_block >= 0 else start
-        end = ready_end(start, first, first + pending.num_blocks_asked, pending.num_blocks_ready)
-        ready = max(0, min(end, max_blocks) - start)
-        if ready == 0:
+        end = served_end(
+            start,
+            pending.end_block,
+            [s.first_block for s in pending.stages],
+            [s.num_blocks_ready or 0 for s in pending.stages],
+        )
+        pending.end_block = end = min(end, max_blocks)
+        if end <= start:
             self._forget(req_id)
-        return ready * self.block_size, False
+            return 0, False
+        return (end - start) * self.block_size, False
 
     def _begin_lookup(
         self, req_id: str, wanted: Sequence[bytes], start: int
     ) -> tuple[int | None, bool]:
         self.counters.lookups += 1
         try:
-            stored = self._lookup(wanted)
+            stored = [self._lookup(wanted, g) for g in range(len(self.windows))]
         except Exception:  # a broken catalog is a miss, never an engine error
             logger.exception("cwm: store lookup failed; treating as a miss")
             self.counters.lookup_errors += 1
             return 0, False
-        first, end = find_hit([h in stored for h in wanted], start, self.window_blocks)
+        end = common_end([[h in s for h in wanted] for s in stored], start, self.windows)
         self.counters.miss_blocks += len(wanted) - (end - start)
         if end == start:
             return 0, False
-        job_id = next(self._job_ids)
-        self._pending[req_id] = _PendingHit(job_id, start, end - first, self._clock(), first)
-        self._job_to_req[job_id] = req_id
-        self._plan.stages.append(StageJob(job_id, list(wanted[first - start : end - start])))
+        stages = []
+        for group, window in enumerate(self.windows):
+            first = span(start, end, window)
+            job_id = next(self._job_ids)
+            stages.append(_GroupStage(job_id, first))
+            self._job_to_req[job_id] = (req_id, group)
+            hashes = list(wanted[first - start : end - start])
+            self._plans[group].stages.append(StageJob(job_id, hashes))
+        self._pending[req_id] = _PendingHit(start, end, self._clock(), stages)
         return None, False
 
     # -- thaw: prestaged jobs -------------------------------------------------
@@ -213,9 +235,9 @@ class CwmScheduler:
         return entry, run
 
     def _promise_ready(self, req_id: str, entry: _Ready, run: int) -> tuple[int, bool]:
-        pending = _PendingHit(entry.job_id, 0, run, self._clock(), num_blocks_ready=run)
-        self._pending[req_id] = pending
-        self._job_to_req[entry.job_id] = req_id
+        stage = _GroupStage(entry.job_id, 0, num_blocks_ready=run)
+        self._pending[req_id] = _PendingHit(0, run, self._clock(), [stage])
+        self._job_to_req[entry.job_id] = (req_id, 0)
         self.counters.prestaged_hit_blocks += run
         return run * self.block_size, False
 
@@ -223,35 +245,42 @@ class CwmScheduler:
         self, req_id: str, block_ids: Sequence[int], num_external_tokens: int
     ) -> None:
         """Turn a promised hit into a LoadJob onto the freshly allocated blocks."""
+        self.update_state_after_alloc_groups(req_id, (block_ids,), num_external_tokens)
+
+    def update_state_after_alloc_groups(
+        self, req_id: str, block_ids: Sequence[Sequence[int]], num_external_tokens: int
+    ) -> None:
+        """Turn a promised hit into one LoadJob per KV-cache group."""
         pending = self._pending.get(req_id)
         if pending is None:
             return
-        num_blocks = num_external_tokens // self.block_size
-        if num_blocks == 0:
+        end = pending.start_block + num_external_tokens // self.block_size
+        if end <= pending.start_block:
             self._forget(req_id)
             return
-        first = pending.first_block if pending.first_block >= 0 else pending.start_block
-        dest = list(block_ids[first : pending.start_block + num_blocks])
         del self._pending[req_id]
-        del self._job_to_req[pending.job_id]
-        if NULL_BLOCK_ID in dest:
-            # vLLM allocates real blocks inside the window, so this never happens; if it
-            # did, nothing is written to the null block and the real ones are reported
-            # as load errors (no staged job), so vLLM recomputes them.
-            logger.error("cwm: %s got the null block for a promised load; recomputing", req_id)
-            self.counters.null_dest_loads += 1
-            self._plan.drops.append(pending.job_id)
-            real = [b for b in dest if b != NULL_BLOCK_ID]
-            self._plan.loads.append(LoadJob(req_id, NO_JOB, real))
-            return
-        self._plan.loads.append(LoadJob(req_id, pending.job_id, dest))
-        self.counters.hit_blocks += len(dest)
+        for group, stage in enumerate(pending.stages):
+            self._job_to_req.pop(stage.job_id, None)
+            dest = list(block_ids[group][stage.first_block : end])
+            if NULL_BLOCK_ID in dest:
+                # vLLM allocates real blocks inside the window, so this never happens; if
+                # it did, nothing is written to the null block and the real ones are
+                # reported as load errors (no staged job), so vLLM recomputes them.
+                logger.error("cwm: %s got the null block for a promised load", req_id)
+                self.counters.null_dest_loads += 1
+                self._plans[group].drops.append(stage.job_id)
+                real = [b for b in dest if b != NULL_BLOCK_ID]
+                self._plans[group].loads.append(LoadJob(req_id, NO_JOB, real))
+                continue
+            self._plans[group].loads.append(LoadJob(req_id, stage.job_id, dest))
+            self.counters.hit_blocks += len(dest)
 
     def _forget(self, req_id: str) -> None:
         pending = self._pending.pop(req_id, None)
         if pending is not None:
-            self._job_to_req.pop(pending.job_id, None)
-            self._plan.drops.append(pending.job_id)
+            for group, stage in enumerate(pending.stages):
+                self._job_to_req.pop(stage.job_id, None)
+                self._plans[group].drops.append(stage.job_id)
 
     # -- capture -----------------------------------------------------------
     def request_finished(
@@ -263,57 +292,89 @@ class CwmScheduler:
         block_ids: Sequence[int],
     ) -> bool:
         """Plan the capture of a finished request; True keeps its blocks until copied."""
+        return self.request_finished_groups(
+            req_id, cache_salt, block_hashes, num_computed_tokens, (block_ids,)
+        )
+
+    def request_finished_groups(
+        self,
+        req_id: str,
+        cache_salt: str | None,
+        block_hashes: Sequence[bytes],
+        num_computed_tokens: int,
+        block_ids: Sequence[Sequence[int]],
+    ) -> bool:
+        """Plan the capture of every KV-cache group's real blocks of a finished request."""
         self._forget(req_id)
         if self.capture == "off" or (self.capture == "salted" and not cache_salt):
             return False
+        keep = False
+        for group, ids in enumerate(block_ids[: len(self.windows)]):
+            try:
+                keep |= self._plan_capture(req_id, group, block_hashes, num_computed_tokens, ids)
+            except Exception:
+                logger.exception("cwm: store lookup failed; not capturing %s", req_id)
+                self.counters.lookup_errors += 1
+        return keep
+
+    def _plan_capture(
+        self,
+        req_id: str,
+        group: int,
+        block_hashes: Sequence[bytes],
+        num_computed_tokens: int,
+        block_ids: Sequence[int],
+    ) -> bool:
         # A hash can cover a block whose last token has no KV yet: only count computed ones.
         num_full = min(len(block_hashes), num_computed_tokens // self.block_size, len(block_ids))
         # A block that left a sliding window is vLLM's null block: never captured (issue 13).
         real = [i for i in range(num_full) if block_ids[i] != NULL_BLOCK_ID]
         self.counters.null_blocks_skipped += num_full - len(real)
-        candidates = [i for i in real if block_hashes[i] not in self._inflight_capture]
-        try:
-            stored = self._lookup([block_hashes[i] for i in candidates])
-        except Exception:
-            logger.exception("cwm: store lookup failed; not capturing %s", req_id)
-            self.counters.lookup_errors += 1
-            return False
+        inflight = self._inflight_capture
+        candidates = [i for i in real if (group, block_hashes[i]) not in inflight]
+        stored = self._lookup([block_hashes[i] for i in candidates], group)
         todo = [i for i in candidates if block_hashes[i] not in stored]
         self.counters.skipped_stored_blocks += len(real) - len(todo)
         if not todo:
             return False
         hashes = [bytes(block_hashes[i]) for i in todo]
-        self._plan.captures.append(CaptureJob(req_id, [block_ids[i] for i in todo], hashes))
-        self._inflight_capture.update(hashes)
+        self._plans[group].captures.append(CaptureJob(req_id, [block_ids[i] for i in todo], hashes))
+        inflight.update((group, h) for h in hashes)
         self.counters.capture_jobs += 1
         self.counters.capture_blocks += len(todo)
         return True
 
     # -- step boundary -----------------------------------------------------
     def build_plan(self) -> StepPlan:
-        """Hand over this step's jobs and start a new plan."""
+        """Hand over this step's jobs (one KV-cache group) and start a new plan."""
+        return self.build_plans()[0]
+
+    def build_plans(self) -> list[StepPlan]:
+        """Hand over this step's jobs, one plan per KV-cache group, and start new ones."""
         if self._ready_drops:
             with self._ready_lock:
                 drops, self._ready_drops = self._ready_drops, []
-            self._plan.drops.extend(drops)
-        plan, self._plan = self._plan, StepPlan()
-        return plan
+            self._plans[0].drops.extend(drops)
+        plans, self._plans = self._plans, [StepPlan() for _ in self.windows]
+        return plans
 
     def apply_report(self, report: WorkerReport) -> None:
         """Fold one worker's report into the pending hits and the capture set."""
+        group = report.group
         for job_id, num_ready in report.staged.items():
-            req_id = self._job_to_req.get(job_id)
-            pending = self._pending.get(req_id) if req_id is not None else None
-            if pending is None:
+            req_id, _ = self._job_to_req.get(job_id, ("", 0))
+            pending = self._pending.get(req_id)
+            stage = (
+                next((s for s in pending.stages if s.job_id == job_id), None) if pending else None
+            )
+            if stage is None:
                 continue
-            pending.rank_results[report.rank] = num_ready
-            if len(pending.rank_results) >= self.tp_size:
-                pending.num_blocks_ready = min(pending.rank_results.values())
-        for block_hash in report.stored:
-            self._inflight_capture.discard(block_hash)
-        for block_hash in report.store_failed:
-            self._inflight_capture.discard(block_hash)
-        if report.stored or report.store_failed:
+            stage.rank_results[report.rank] = num_ready
+            if len(stage.rank_results) >= self.tp_size:
+                stage.num_blocks_ready = min(stage.rank_results.values())
+        for block_hash in (*report.stored, *report.store_failed):
+            self._inflight_capture.discard((group, block_hash))
+        if group == 0 and (report.stored or report.store_failed):  # what freeze waits on
             with self._failed_lock:
                 for block_hash in report.stored:
                     self._store_failures.pop(block_hash, None)

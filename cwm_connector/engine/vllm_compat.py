@@ -33,6 +33,15 @@ except ImportError as exc:  # pragma: no cover - only with an incompatible vLLM
 missing: list[str] = []
 
 try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
+except ImportError:
+    missing.append("SupportsHMA (the hybrid allocator stays off with cwm)")
+
+    class SupportsHMA:  # type: ignore[no-redef]
+        """Stand-in where vLLM has no hybrid-allocator support for connectors."""
+
+
+try:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
 except ImportError:
     missing.append("KVConnectorWorkerMetadata (restores are off: staging cannot be reported)")
@@ -105,6 +114,7 @@ __all__ = [
     "KVConnectorRole",
     "KVConnectorStats",
     "KVConnectorWorkerMetadata",
+    "SupportsHMA",
     "log_missing",
     "metric_class",
     "vllm_version",

@@ -80,16 +80,26 @@ class _Capture:
 class CwmWorker:
     """Moves KV bytes between the paged cache, host memory and the store."""
 
-    def __init__(self, cfg: CwmConfig, fp_id: str, layout: KVLayout, rank: int):
+    def __init__(
+        self,
+        cfg: CwmConfig,
+        fp_id: str,
+        layout: KVLayout,
+        rank: int,
+        *,
+        group: int = 0,
+        stats: Stats | None = None,
+    ):
         self.cfg = cfg
         self.fp_id = fp_id
         self.layout = layout
         self.rank = rank
+        self.group = group  # the KV-cache group whose layers `layout` holds
         root = cfg.store_path
         self.disk = DiskTier(root)
         self.memory = MemoryTier(cfg.memory_bytes)
         self.catalog_path = catalog_path(root)
-        self.stats = Stats(root / "stats" / f"worker-rank{rank}.json")
+        self.stats = stats or Stats(root / "stats" / f"worker-rank{rank}.json")
         self.store = TieredStore(self.memory, self.disk, _redis_tier(cfg.redis_url), self.stats)
         self.pool = layout.new_pool(max_idle_bytes=min(cfg.memory_bytes, PREWARM_BYTES))
         self._lock = threading.Lock()
@@ -99,7 +109,7 @@ class CwmWorker:
         self._capturing: set[str] = set()  # requests whose blocks vLLM keeps for us
         self._gathered: set[str] = set()
         self._finished_seen: set[str] = set()
-        self._report = WorkerReport(rank)
+        self._report = WorkerReport(rank, group)
         self._readers = ThreadPoolExecutor(
             NUM_READERS, thread_name_prefix="cwm-read", initializer=_leave_forward_cores
         )
@@ -119,7 +129,7 @@ class CwmWorker:
             threading.Thread(target=self._capture_loop, name="cwm-capture", daemon=True),
             threading.Thread(target=self._stage_loop, name="cwm-stage", daemon=True),
         ]
-        if rank == 0:  # one rank is enough: the blob rows are shared
+        if rank == 0 and group == 0:  # one is enough: the blob rows are shared
             self._threads.append(
                 threading.Thread(target=self._check_store, name="cwm-check", daemon=True)
             )
@@ -226,7 +236,7 @@ class CwmWorker:
     def take_report(self) -> WorkerReport | None:
         """What finished since the last report, or None."""
         with self._lock:
-            report, self._report = self._report, WorkerReport(self.rank)
+            report, self._report = self._report, WorkerReport(self.rank, self.group)
         return None if report.is_empty() else report
 
     def shutdown(self, timeout_s: float = 5.0) -> None:

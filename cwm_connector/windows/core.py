@@ -65,6 +65,13 @@ class CoreOps:
         _progress: Progress = no_progress,
     ) -> dict[str, Any]:
         name = validate_name(name)
+        if len(self.rec.engine_fp.get("kv_groups") or []) > 1:
+            raise WindowError(
+                "windows of a model with several KV-cache groups (the hybrid allocator on) "
+                "are not supported yet; its sessions are still captured and restored "
+                "(README, Models)",
+                code="unsupported",
+            )
         session = self.rec.sessions.get(text_arg(salt, "salt"))
         if session is None:
             raise WindowError(

@@ -28,6 +28,7 @@ from cwm_connector.demo.tiny_model import TinyModelSpec, build_tiny_model
 from cwm_connector.demo.vllm_process import VllmServer
 from cwm_connector.engine.hash_chain import block_hash_chain
 from cwm_connector.engine.kv_groups import blocks_for_window
+from cwm_connector.errors import CwmError
 from cwm_connector.stats import read_stats
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -36,7 +37,7 @@ WINDOW = 64
 SESSION_TOKENS = 1000
 BRANCH_AT = 600
 SALT = "sliding-session"
-NO_HMA = ["--disable-hybrid-kv-cache-manager"]  # what vLLM does with cwm configured today
+NO_HMA = ["--disable-hybrid-kv-cache-manager"]
 
 
 def token_ids(n: int, seed: int) -> list[int]:
@@ -83,10 +84,19 @@ def stored_hashes(store: Path) -> set[bytes]:
         return {bytes(r[0]) for r in db.execute("SELECT block_hash FROM blocks")}
 
 
-def capture_session(root: Path, spec: TinyModelSpec, wanted: set[bytes]) -> Family:
-    """vLLM alone answers the reference requests; then cwm captures and freezes the session."""
+def cwm_server(fam_root: Path, model: Path, store: Path, name: str, hma: bool) -> VllmServer:
+    srv = server(model, store, fam_root, name)
+    srv.extra_args = [] if hma else NO_HMA
+    return srv
+
+
+def capture_session(
+    root: Path, spec: TinyModelSpec, wanted: set[bytes], hma: bool = True, freeze: bool = True
+) -> Family:
+    """vLLM alone answers the reference requests; then cwm captures (and freezes) the session."""
     model = build_tiny_model(root / "model", spec)
-    plain = VllmServer(str(model), root / "plain.log", extra_args=NO_HMA).start()
+    plain_args = [] if hma else NO_HMA
+    plain = VllmServer(str(model), root / "plain.log", extra_args=plain_args).start()
     try:
         plain.complete(SESSION, salt=SALT)
         reference = plain.complete(NEXT_TURN, salt=SALT)
@@ -96,11 +106,13 @@ def capture_session(root: Path, spec: TinyModelSpec, wanted: set[bytes]) -> Fami
         plain.stop()
     assert cached(reference) >= 30 * BLOCK and cached(branch_cold) == 0
     store = root / "store"
-    a = server(model, store, root, "A").start()
+    a = cwm_server(root, model, store, "A", hma).start()
     try:
         a.complete(SESSION, salt=SALT)
         wait_for(lambda: wanted <= stored_hashes(store))
-        window = ControlClient(store / "control.sock").call("freeze", salt=SALT, name="win")
+        window = {}
+        if freeze:
+            window = ControlClient(store / "control.sock").call("freeze", salt=SALT, name="win")
         stats = ControlClient(store / "control.sock").call("stats")
     finally:
         a.stop()
@@ -153,15 +165,21 @@ def test_all_sliding_window_model_restores_losslessly_and_never_the_null_block(
         b.stop()
 
 
+ALTERNATING = TinyModelSpec(
+    layer_types=("sliding_attention", "full_attention"), sliding_window=WINDOW
+)
+
+
 def test_alternating_sliding_full_model_with_the_hybrid_allocator_off(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    # cwm does not declare SupportsHMA yet, so vLLM turns its hybrid allocator off and
-    # keeps full-attention KV in the sliding layers: one full group, every block real.
-    spec = TinyModelSpec(layer_types=("sliding_attention", "full_attention"), sliding_window=WINDOW)
-    fam = capture_session(tmp_path_factory.mktemp("alternating"), spec, set(CHAIN[:SESSION_BLOCKS]))
-    assert "Turning off hybrid kv cache manager" in (fam.root / "A.log").read_text()
-    b = server(fam.model, fam.store, fam.root, "B")
+    # --disable-hybrid-kv-cache-manager: the sliding layers keep full-attention KV,
+    # one full group, every block real.
+    fam = capture_session(
+        tmp_path_factory.mktemp("alternating"), ALTERNATING, set(CHAIN[:SESSION_BLOCKS]),
+        hma=False,
+    )  # fmt: skip
+    b = cwm_server(fam.root, fam.model, fam.store, "B", hma=False)
     b.env = {"VLLM_SERVER_DEV_MODE": "1"}  # for /reset_prefix_cache
     b.start()
     try:
@@ -178,5 +196,57 @@ def test_alternating_sliding_full_model_with_the_hybrid_allocator_off(
         assert outputs(branch) == outputs(fam.branch_hit)
         assert outputs(branch)[0] == outputs(fam.branch_cold)[0]
         assert read_stats(fam.store).get("restore_mismatch_blocks", 0) == 0
+    finally:
+        b.stop()
+
+
+def blob_bytes(store: Path) -> int:
+    with sqlite3.connect(store / "catalog.sqlite") as db:
+        return int(db.execute("SELECT COALESCE(SUM(raw_bytes), 0) FROM blobs").fetchone()[0])
+
+
+def test_alternating_model_with_the_hybrid_allocator_on(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # vLLM's default now that cwm declares SupportsHMA: a full and a sliding-window
+    # group; the sliding layer keeps only its window, in vLLM and in cwm's store.
+    root = tmp_path_factory.mktemp("hybrid")
+    fam = capture_session(root, ALTERNATING, set(CHAIN[:SESSION_BLOCKS]), freeze=False)
+    assert "Turning off hybrid kv cache manager" not in (root / "A.log").read_text()
+    with sqlite3.connect(fam.store / "catalog.sqlite") as db:
+        docs = [r[0] for r in db.execute("SELECT doc FROM fingerprints")]
+    assert len(docs) == 2 and all('"kv_group"' in d for d in docs)  # one per group
+    # The same session with the allocator off, in a store of its own: bytes per token.
+    off_store = root / "store-off"
+    off = cwm_server(root, fam.model, off_store, "off", hma=False).start()
+    try:
+        off.complete(SESSION, salt=SALT)
+        wait_for(lambda: set(CHAIN[:SESSION_BLOCKS]) <= stored_hashes(off_store))
+    finally:
+        off.stop()
+    on_bytes, off_bytes = blob_bytes(fam.store), blob_bytes(off_store)
+    assert 0 < on_bytes < 0.6 * off_bytes, (on_bytes, off_bytes)
+
+    b = cwm_server(root, fam.model, fam.store, "B", hma=True).start()
+    try:
+        with pytest.raises(CwmError) as err:  # windows hold one group's blocks for now
+            ControlClient(fam.store / "control.sock").call("freeze", salt=SALT, name="w")
+        assert err.value.code in ("unsupported", "unknown_session")
+        restored = b.complete(NEXT_TURN, salt=SALT)
+        hits = b.metric(EXTERNAL_HITS)
+        assert hits == cached(fam.reference) == SESSION_BLOCKS * BLOCK == cached(restored)
+        assert outputs(restored) == outputs(fam.reference)  # vLLM's own hit, allocator on
+        with pytest.raises(CwmError) as err:
+            ControlClient(fam.store / "control.sock").call("freeze", salt=SALT, name="w")
+        assert err.value.code == "unsupported"
+        worker = read_stats(fam.store)
+        assert worker["restore_verified_blocks"] == worker["loaded_blocks"]
+        assert worker.get("restore_mismatch_blocks", 0) == 0
+        # Full group: every block before the boundary; sliding group: its window only.
+        assert worker["loaded_blocks"] == SESSION_BLOCKS + blocks_for_window(WINDOW, BLOCK)
+        # A branch from the middle: the sliding layer's window there was never stored.
+        branch = b.complete(BRANCH, salt=SALT)
+        assert b.metric(EXTERNAL_HITS) == hits
+        assert outputs(branch)[0] == outputs(fam.branch_cold)[0]
     finally:
         b.stop()

@@ -25,7 +25,7 @@ class FakeClock:
 def make(stored: set[bytes], **kw: object) -> tuple[CwmScheduler, FakeClock]:
     clock = FakeClock()
 
-    def lookup(hs: Sequence[bytes]) -> set[bytes]:
+    def lookup(hs: Sequence[bytes], group: int = 0) -> set[bytes]:
         return {h for h in hs if h in stored}
 
     return CwmScheduler(block_size=BS, tp_size=1, lookup=lookup, clock=clock, **kw), clock
@@ -109,7 +109,9 @@ def test_staging_timeout_becomes_a_miss_and_drops_the_job() -> None:
 def test_tensor_parallel_waits_for_every_rank_and_takes_the_minimum() -> None:
     hs = hashes(5)
     stored = set(hs)
-    sched = CwmScheduler(block_size=BS, tp_size=2, lookup=lambda h: {x for x in h if x in stored})
+    sched = CwmScheduler(
+        block_size=BS, tp_size=2, lookup=lambda h, group=0: {x for x in h if x in stored}
+    )
     sched.get_num_new_matched_tokens("r", hs, 5 * BS + 1, 0)
     job = sched.build_plan().stages[0].job_id
     sched.apply_report(WorkerReport(rank=0, staged={job: 5}))

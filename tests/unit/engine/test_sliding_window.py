@@ -136,14 +136,73 @@ def fake_config(*groups: tuple[str, int | None, int]) -> SimpleNamespace:
 
 def test_groups_decide_the_plan_and_the_fingerprint() -> None:
     plain = describe_groups(fake_config(("full", None, 2)))
-    assert restore_plan(plain) == (None, None) and fingerprint_field(plain) is None
+    assert restore_plan(plain) == ([None], None) and fingerprint_field(plain) is None
     sliding = describe_groups(fake_config(("sliding", 64, 2)))
-    assert restore_plan(sliding) == (2, None)
+    assert restore_plan(sliding) == ([2], None)
     assert fingerprint_field(sliding) == [
         {"kind": "sliding", "block_size": 32, "num_layers": 2, "sliding_window": 64,
          "spec": "SlidingWindowSpec"}
     ]  # fmt: skip
     mamba = describe_groups(fake_config(("full", None, 1), ("mamba", None, 3)))
-    window, why = restore_plan(mamba)
-    assert window is None and why is not None and "mamba" in why
-    assert describe_groups(None) == [] and restore_plan([]) == (None, None)
+    _, why = restore_plan(mamba)
+    assert why is not None and "mamba" in why
+    assert describe_groups(None) == [] and restore_plan([]) == ([None], None)
+    hybrid = describe_groups(fake_config(("full", None, 1), ("sliding", 64, 1)))
+    assert restore_plan(hybrid, 32) == ([None, 2], None)
+    assert restore_plan(hybrid, 16)[1] is not None  # another block size: inert
+    assert len(fingerprint_field(hybrid) or []) == 2
+
+
+def make_groups(stored: list[set[bytes]], windows: list[int | None]):
+    def lookup(hs: list[bytes], group: int = 0) -> set[bytes]:
+        return {h for h in hs if h in stored[group]}
+
+    from cwm_connector.engine.scheduler import CwmScheduler
+
+    return CwmScheduler(block_size=BS, tp_size=1, lookup=lookup, windows=windows)
+
+
+def test_hybrid_hit_is_the_largest_boundary_every_group_serves() -> None:
+    hs = hashes(34)
+    sched = make_groups([set(hs[:31]), set(hs[29:31])], [None, 2])
+    assert sched.get_num_new_matched_tokens("r", hs, 1100, 0) == (None, False)
+    full, sliding = sched.build_plans()
+    assert full.stages[0].block_hashes == hs[:31] and sliding.stages[0].block_hashes == hs[29:31]
+    sched.apply_report(WorkerReport(rank=0, group=0, staged={full.stages[0].job_id: 31}))
+    assert sched.get_num_new_matched_tokens("r", hs, 1100, 0) == (None, False)  # group 1 next
+    sched.apply_report(WorkerReport(rank=0, group=1, staged={sliding.stages[0].job_id: 2}))
+    assert sched.get_num_new_matched_tokens("r", hs, 1100, 0) == (31 * BS, False)
+    ids_full = list(range(100, 135))
+    ids_sliding = [NULL_BLOCK_ID] * 29 + [229, 230, 231, 232, 233]
+    sched.update_state_after_alloc_groups("r", (ids_full, ids_sliding), 31 * BS)
+    full, sliding = sched.build_plans()
+    assert full.loads[0].block_ids == ids_full[:31]
+    assert sliding.loads[0].block_ids == [229, 230]
+
+
+def test_hybrid_hit_needs_the_sliding_window_at_the_boundary() -> None:
+    hs = hashes(34)
+    # The full group holds everything, the sliding group nothing near block 31: the
+    # largest common boundary is where the sliding group's window is stored (block 12).
+    sched = make_groups([set(hs[:31]), set(hs[10:12])], [None, 2])
+    sched.get_num_new_matched_tokens("r", hs, 1100, 0)
+    full, sliding = sched.build_plans()
+    assert len(full.stages[0].block_hashes) == 12 and sliding.stages[0].block_hashes == hs[10:12]
+    # A sliding group whose window misses one block after staging: no hit at all.
+    sched.apply_report(WorkerReport(rank=0, group=0, staged={full.stages[0].job_id: 12}))
+    sched.apply_report(WorkerReport(rank=0, group=1, staged={sliding.stages[0].job_id: 1}))
+    assert sched.get_num_new_matched_tokens("r", hs, 1100, 0) == (0, False)
+    drops = [p.drops for p in sched.build_plans()]
+    assert drops == [[full.stages[0].job_id], [sliding.stages[0].job_id]]
+
+
+def test_hybrid_capture_keys_each_group_apart_and_skips_its_null_blocks() -> None:
+    hs = hashes(8)
+    sched = make_groups([set(), {hs[6]}], [None, 2])
+    assert sched.request_finished_groups(
+        "r", "salt", hs, 8 * BS, (list(range(10, 18)), [0] * 5 + [45, 46, 47])
+    )
+    full, sliding = sched.build_plans()
+    assert full.captures[0].block_hashes == hs and full.captures[0].block_ids == list(range(10, 18))
+    assert sliding.captures[0].block_hashes == [hs[5], hs[7]]  # hs[6] is stored already
+    assert sliding.captures[0].block_ids == [45, 47]
