@@ -218,7 +218,7 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
         logger.info(
             "cwm: connector ready (store %s, capture=%s, engine fingerprint %s)",
             self.cfg.store_path,
-            self.cfg.capture,
+            self._scheduler.capture,
             self._engine_fp_id[:12],
         )
 

@@ -250,3 +250,69 @@ def test_alternating_model_with_the_hybrid_allocator_on(
         assert outputs(branch)[0] == outputs(fam.branch_cold)[0]
     finally:
         b.stop()
+
+
+def build_tiny_qwen3_next(out: Path, tokenizer_from: Path) -> Path:
+    """A 2-layer random Qwen3-Next: one linear-attention (gated delta net) layer, one full."""
+    import shutil
+
+    import torch
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    config = Qwen3NextConfig(
+        vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+        linear_num_key_heads=1, linear_key_head_dim=64, linear_value_head_dim=64,
+        linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, shared_expert_intermediate_size=64,
+        max_position_embeddings=8192, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen3NextForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    for path in tokenizer_from.iterdir():
+        if path.name.startswith(("token", "special")):
+            shutil.copy(path, out / path.name)
+    return out
+
+
+def test_linear_attention_hybrid_starts_and_serves_with_cwm_inert(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # vLLM needs its hybrid allocator for Mamba/linear-attention hybrids; cwm declares
+    # SupportsHMA, so configuring cwm never stops such a model. It has a state group cwm
+    # does not restore: one start-up line says so, and nothing is captured.
+    model = build_tiny_qwen3_next(tmp_path / "qwen3-next", tiny_model)
+    prompt = token_ids(300, seed=5)
+    plain = VllmServer(str(model), tmp_path / "plain.log")
+    try:
+        plain.start()
+    except RuntimeError:  # this CPU's vLLM cannot run the model at all: cwm must not differ
+        configured = server(model, tmp_path / "store", tmp_path, "cwm")
+        with pytest.raises(RuntimeError):
+            configured.start()
+        assert "cwm" not in _root_cause(tmp_path / "cwm.log")
+        return
+    try:
+        expected = plain.complete(prompt, salt="s")
+    finally:
+        plain.stop()
+    srv = server(model, tmp_path / "store", tmp_path, "cwm").start()
+    try:
+        first = srv.complete(prompt, salt="s")
+        second = srv.complete(prompt, salt="s")
+        assert outputs(first)[0] == outputs(second)[0] == outputs(expected)[0]
+        assert srv.metric(EXTERNAL_HITS) == 0
+    finally:
+        srv.stop()
+    log = (tmp_path / "cwm.log").read_text()
+    assert "KV-cache group (MambaSpec) is not restored" in log
+    assert "Turning off hybrid kv cache manager" not in log
+    assert stored_hashes(tmp_path / "store") == set()
+
+
+def _root_cause(log: Path) -> str:
+    lines = [line for line in log.read_text().splitlines() if "Error" in line]
+    return lines[-1] if lines else ""
