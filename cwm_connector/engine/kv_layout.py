@@ -33,7 +33,7 @@ class KVLayout:
             raise ValueError("no KV cache tensors registered")
         self.num_blocks = num_blocks
         self.layer_names = list(kv_caches)
-        self.tensors = list(kv_caches.values())
+        self.tensors = [manager_blocks(t, num_blocks) for t in kv_caches.values()]
         self.block_dims = [_block_dim(t, num_blocks) for t in self.tensors]
         self.block_shapes = [
             [s for i, s in enumerate(t.shape) if i != d]
@@ -188,6 +188,22 @@ class KVLayout:
         """Block ids on the KV device, copied on the current stream (pinned, async)."""
         ids = torch.tensor(block_ids, dtype=torch.long).pin_memory()
         return ids.to(self.device, non_blocking=True)
+
+
+def manager_blocks(tensor: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """A view whose dim 0 is vLLM's block, for a backend whose kernel block is smaller.
+
+    Such a backend (FlashMLA and others, VLLM_NOTES "Kernel-block splitting") makes
+    dim 0 `num_blocks x ratio`; manager block b is kernel blocks [b*ratio, (b+1)*ratio),
+    contiguous, so the view merges them. Any other tensor is returned as it is.
+    """
+    if num_blocks in tensor.shape:
+        return tensor
+    size = tensor.shape[0] if tensor.dim() > 1 else 0
+    if size and size % num_blocks == 0 and tensor.is_contiguous():
+        ratio = size // num_blocks
+        return tensor.view(num_blocks, ratio * tensor.shape[1], *tensor.shape[2:])
+    return tensor
 
 
 def _block_dim(tensor: torch.Tensor, num_blocks: int) -> int:

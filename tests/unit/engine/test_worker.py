@@ -164,3 +164,40 @@ def test_sleep_mode_drops_every_view_and_restores_into_the_new_tensors(tmp_path:
     with pytest.raises(ValueError, match="differ"):
         worker.restore(make_caches((NUM_BLOCKS, 2, 32, 64), seed=8))  # another geometry
     worker.shutdown()
+
+
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_mla_layers_round_trip_bit_exactly_with_a_smaller_kernel_block(
+    tmp_path: Path, ratio: int
+) -> None:
+    # MLA (DeepSeek V2/V3, Kimi): per layer [num_blocks, block_size, 576] (512 latent +
+    # 64 rope), one group, TP ranks identical. A backend whose kernel block is smaller
+    # than vLLM's makes dim 0 num_blocks x ratio (issue 13): block b is kernel blocks
+    # [b*ratio, (b+1)*ratio).
+    gen = torch.Generator().manual_seed(9)
+
+    def mla_caches() -> dict[str, torch.Tensor]:
+        shape = (NUM_BLOCKS * ratio, 32 // ratio, 576)
+        return {f"layer.{i}": torch.randn(shape, generator=gen).to(torch.bfloat16)
+                for i in range(3)}  # fmt: skip
+
+    source, target = mla_caches(), mla_caches()
+    writer = make_worker(tmp_path, source)
+    assert writer.layout.block_bytes == 3 * 32 * 576 * 2
+    hashes = [b"m1", b"m2"]
+    writer.submit(StepPlan(captures=[CaptureJob("req", [2, 9], hashes)]))
+    wait_report(writer, lambda r: set(r.stored) == set(hashes))
+    writer.shutdown()
+    reader = make_worker(tmp_path, target, verify_restore=True)
+    reader.submit(StepPlan(stages=[StageJob(4, hashes)]))
+    assert wait_report(reader, lambda r: 4 in r.staged).staged[4] == 2
+    before = target["layer.0"].clone()
+    reader.submit(StepPlan(loads=[LoadJob("req2", 4, [5, 6])]))
+    assert reader.take_load_errors() == set()
+    for name in source:
+        for src, dst in ((2, 5), (9, 6)):
+            kernel = slice(dst * ratio, (dst + 1) * ratio)
+            assert torch.equal(target[name][kernel], source[name][src * ratio : (src + 1) * ratio])
+    untouched = [i for i in range(NUM_BLOCKS * ratio) if i // ratio not in (5, 6)]
+    assert torch.equal(target["layer.0"][untouched], before[untouched])
+    reader.shutdown()
