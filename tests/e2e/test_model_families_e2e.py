@@ -252,11 +252,24 @@ def test_alternating_model_with_the_hybrid_allocator_on(
         b.stop()
 
 
-def build_tiny_qwen3_next(out: Path, tokenizer_from: Path) -> Path:
-    """A 2-layer random Qwen3-Next: one linear-attention (gated delta net) layer, one full."""
+def save_random_model(cls: Any, config: Any, out: Path, tokenizer_from: Path) -> Path:
+    """Random bf16 weights of `cls(config)` (seed 0) and the tiny model's tokenizer."""
     import shutil
 
     import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    for path in tokenizer_from.iterdir():
+        if path.name.startswith(("token", "special")):
+            shutil.copy(path, out / path.name)
+    return out
+
+
+def build_tiny_qwen3_next(out: Path, tokenizer_from: Path) -> Path:
+    """A 2-layer random Qwen3-Next: one linear-attention (gated delta net) layer, one full."""
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
     config = Qwen3NextConfig(
@@ -268,14 +281,7 @@ def build_tiny_qwen3_next(out: Path, tokenizer_from: Path) -> Path:
         moe_intermediate_size=64, shared_expert_intermediate_size=64,
         max_position_embeddings=8192, tie_word_embeddings=False,
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen3NextForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    for path in tokenizer_from.iterdir():
-        if path.name.startswith(("token", "special")):
-            shutil.copy(path, out / path.name)
-    return out
+    return save_random_model(Qwen3NextForCausalLM, config, out, tokenizer_from)
 
 
 def test_linear_attention_hybrid_starts_and_serves_with_cwm_inert(
@@ -320,9 +326,6 @@ def _root_cause(log: Path) -> str:
 
 def build_tiny_deepseek_v2(out: Path, tokenizer_from: Path) -> Path:
     """A 2-layer random DeepSeek-V2 (MLA: 512 latent + 64 rope per token and layer)."""
-    import shutil
-
-    import torch
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     config = DeepseekV2Config(
@@ -332,14 +335,7 @@ def build_tiny_deepseek_v2(out: Path, tokenizer_from: Path) -> Path:
         num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
         first_k_dense_replace=2, max_position_embeddings=8192, tie_word_embeddings=False,
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = DeepseekV2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    for path in tokenizer_from.iterdir():
-        if path.name.startswith(("token", "special")):
-            shutil.copy(path, out / path.name)
-    return out
+    return save_random_model(DeepseekV2ForCausalLM, config, out, tokenizer_from)
 
 
 def test_mla_model_restores_after_a_restart(tiny_model: Path, tmp_path: Path) -> None:
