@@ -240,6 +240,7 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
             store_dir=self.cfg.store_path,
             engine_fp=self._engine_fp,
             engine_fp_id=self._engine_fp_id,
+            group_engine_ids=self._group_fp_ids,
             block_size=self._block_size,
             hash_algo=vllm_config.cache_config.prefix_caching_hash_algo,
             sessions=self._sessions,
@@ -469,21 +470,25 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
         """Keep every KV-cache group's new real blocks until its worker copied them."""
         assert self._scheduler is not None
         if request.cache_salt:
-            ids = block_ids[0]
-            num_full = min(
-                len(request.block_hashes), request.num_computed_tokens // self._block_size, len(ids)
-            )
-            # A sliding window keeps only its last blocks: the session is the run of real
-            # blocks ending at its last full block (issue 13).
-            first = tail_run(ids, num_full, NULL_BLOCK_ID)
+            # A sliding window keeps only its last blocks: each group's part of the session
+            # is the run of real blocks ending at its last full block (issue 13).
+            runs = []
+            for ids in block_ids:
+                num_full = min(
+                    len(request.block_hashes),
+                    request.num_computed_tokens // self._block_size,
+                    len(ids),
+                )
+                first = tail_run(ids, num_full, NULL_BLOCK_ID)
+                runs.append((first, request.block_hashes[first:num_full]))
             self._sessions.record(
                 request.cache_salt,
                 list(request.all_token_ids),
-                request.block_hashes[first:num_full],
-                first_block=first,
+                list(runs[0][1]),
+                first_block=runs[0][0],
+                group_runs=runs if len(runs) > 1 else (),
             )
-            if len(block_ids) == 1:  # windows hold one group's blocks (README, Models)
-                self._maybe_auto_freeze(request.cache_salt, request.num_tokens)
+            self._maybe_auto_freeze(request.cache_salt, request.num_tokens)
         keep = self._scheduler.request_finished_groups(
             request.request_id,
             request.cache_salt,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ class SessionState:
     block_hashes: tuple[bytes, ...]
     updated: float
     first_block: int = 0  # position of block_hashes[0] (> 0 when a sliding window let go)
+    # A hybrid-allocator model: each KV-cache group's (first block, hashes); empty otherwise.
+    group_runs: tuple[tuple[int, tuple[bytes, ...]], ...] = ()
 
 
 def salt_digest(salt: str) -> str:
@@ -34,10 +37,18 @@ class SessionTable:
         self._sessions: dict[str, SessionState] = {}
 
     def record(
-        self, salt: str, token_ids: list[int], block_hashes: list[bytes], first_block: int = 0
+        self,
+        salt: str,
+        token_ids: list[int],
+        block_hashes: list[bytes],
+        first_block: int = 0,
+        group_runs: Sequence[tuple[int, Sequence[bytes]]] = (),
     ) -> None:
         """Remember a session's latest finished request."""
-        state = SessionState(salt, tuple(token_ids), tuple(block_hashes), time.time(), first_block)
+        runs = tuple((first, tuple(hashes)) for first, hashes in group_runs)
+        state = SessionState(
+            salt, tuple(token_ids), tuple(block_hashes), time.time(), first_block, runs
+        )
         with self._lock:
             self._sessions[salt] = state
 

@@ -168,11 +168,15 @@ class Catalog:
         replace: bool = False,
         block_rows: Sequence[tuple[str, bytes, bytes]] = (),
         blob_rows: Sequence[tuple[bytes, int, int, str]] = (),
+        indices: Sequence[int] | None = None,
     ) -> bool:
         """Add a window, its (hash, digest) list, and any block/blob rows it needs, atomically.
 
-        Returns False (and writes nothing) when the name exists and replace is False.
+        `indices` orders the blocks (default 0, 1, ...; a hybrid model's window uses
+        group * GROUP_STRIDE + position). Returns False (and writes nothing) when the
+        name exists and replace is False.
         """
+        order = list(range(len(blocks))) if indices is None else list(indices)
         now = time.time()
         with self._transaction():
             exists = self._db.execute("SELECT 1 FROM windows WHERE name = ?", (row["name"],))
@@ -193,14 +197,14 @@ class Catalog:
             )
             self._db.execute(
                 "INSERT INTO windows (name, salt, engine_fp, fingerprint, token_ids, num_tokens, "
-                "created, parent, description, tags, first_block) VALUES (:name, :salt, "
-                ":engine_fp, :fingerprint, :token_ids, :num_tokens, :created, :parent, "
-                ":description, :tags, :first_block)",
-                {"description": "", "tags": "[]", "first_block": 0, **row},
+                "created, parent, description, tags, first_block, num_groups) VALUES (:name, "
+                ":salt, :engine_fp, :fingerprint, :token_ids, :num_tokens, :created, :parent, "
+                ":description, :tags, :first_block, :num_groups)",
+                {"description": "", "tags": "[]", "first_block": 0, "num_groups": 1, **row},
             )
             self._db.executemany(
                 "INSERT INTO window_blocks (name, idx, block_hash, digest) VALUES (?, ?, ?, ?)",
-                [(row["name"], i, h, d) for i, (h, d) in enumerate(blocks)],
+                [(row["name"], i, h, d) for i, (h, d) in zip(order, blocks, strict=True)],
             )
         return True
 
@@ -208,7 +212,7 @@ class Catalog:
         """A window's row and its ordered (hash, digest) list, or None."""
         cur = self._db.execute(
             "SELECT name, salt, engine_fp, fingerprint, token_ids, num_tokens, created, parent, "
-            "description, tags, first_block FROM windows WHERE name = ?",
+            "description, tags, first_block, num_groups FROM windows WHERE name = ?",
             (name,),
         )
         found = cur.fetchone()
@@ -219,6 +223,13 @@ class Catalog:
             "SELECT block_hash, digest FROM window_blocks WHERE name = ? ORDER BY idx", (name,)
         ).fetchall()
         return dict(zip(keys, found, strict=True)), [(h, d) for h, d in blocks]
+
+    def window_block_indices(self, name: str) -> list[int]:
+        """A window's block indices in order (see insert_window's `indices`)."""
+        rows = self._db.execute(
+            "SELECT idx FROM window_blocks WHERE name = ? ORDER BY idx", (name,)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
 
     def window_names(self) -> list[str]:
         """Every window name, sorted."""

@@ -81,7 +81,11 @@ WINDOW_COLUMNS_ADDED = {
     "tags": "TEXT NOT NULL DEFAULT '[]'",
     # position of the window's first block: > 0 when a sliding window let go (issue 13)
     "first_block": "INTEGER NOT NULL DEFAULT 0",
+    # KV-cache groups of the window's blocks: > 1 for a hybrid-allocator model, whose
+    # window_blocks.idx is group * GROUP_STRIDE + block position (issue 13)
+    "num_groups": "INTEGER NOT NULL DEFAULT 1",
 }
+GROUP_STRIDE = 1 << 32
 
 
 def catalog_path(store_dir: Path) -> Path:

@@ -22,7 +22,7 @@ from cwm_connector.errors import CwmError
 from cwm_connector.version import __version__
 from cwm_connector.windows.args import Progress, WindowError, no_progress, text_arg, validate_name
 from cwm_connector.windows.query import WindowQuery
-from cwm_connector.windows.records import WindowRecords
+from cwm_connector.windows.records import WindowRecords, group_index
 
 logger = logging.getLogger("vllm.cwm.windows")
 FREEZE_POLL_S = 0.05
@@ -65,13 +65,6 @@ class CoreOps:
         _progress: Progress = no_progress,
     ) -> dict[str, Any]:
         name = validate_name(name)
-        if len(self.rec.engine_fp.get("kv_groups") or []) > 1:
-            raise WindowError(
-                "windows of a model with several KV-cache groups (the hybrid allocator on) "
-                "are not supported yet; its sessions are still captured and restored "
-                "(README, Models)",
-                code="unsupported",
-            )
         session = self.rec.sessions.get(text_arg(salt, "salt"))
         if session is None:
             raise WindowError(
@@ -81,12 +74,20 @@ class CoreOps:
             )
         if not overwrite and self.rec.catalog.get_window(name) is not None:
             raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
-        hashes = list(session.block_hashes)
-        found = self._wait_durable(hashes, _progress)
-        blocks = [(h, found[h]) for h in hashes]
+        runs = session.group_runs or ((session.first_block, session.block_hashes),)
+        if len(runs) != len(self.rec.group_engine_ids):
+            raise WindowError("the session was captured by another engine", code="unknown_session")
+        blocks: list[tuple[bytes, bytes]] = []
+        indices: list[int] = []
+        for group, (first, hashes) in enumerate(runs):
+            engine_id = self.rec.group_engine_ids[group]
+            found = self._wait_durable(list(hashes), _progress, engine_id, group == 0)
+            blocks += [(h, found[h]) for h in hashes]
+            indices += [group_index(group, first + i) for i in range(len(hashes))]
         row = self.rec.row(name, session.salt, list(session.token_ids), None, description, tags,
-                           first_block=session.first_block)  # fmt: skip
-        self.rec.insert(row, blocks, replace=overwrite)
+                           first_block=runs[0][0], num_groups=len(runs))  # fmt: skip
+        hybrid = len(runs) > 1
+        self.rec.insert(row, blocks, replace=overwrite, indices=indices if hybrid else None)
         return self.rec.describe(name)
 
     def thaw(self, name: str, new_salt: str | None = None) -> dict[str, Any]:
@@ -94,8 +95,7 @@ class CoreOps:
             name = self._clone_for_salt(name, text_arg(new_salt, "new_salt"))
         row, blocks = self.rec.load(name)
         self.rec.check_fingerprint(name, row)
-        stored = self.rec.catalog.digests_for_engine(self.rec.engine_fp_id, [h for h, _ in blocks])
-        missing = [h for h, _ in blocks if h not in stored]
+        missing = self._missing_blocks(name, row, blocks)
         if missing:
             raise WindowError(
                 f"window {name!r}: {len(missing)} blocks are not in this store",
@@ -104,7 +104,8 @@ class CoreOps:
         # A window that starts past block 0 (a sliding window) is found by the request's own
         # lookup instead: a prestaged job is matched at block 0 only.
         first = int(row.get("first_block") or 0)
-        staged = None if first else self._prestage(name, [h for h, _ in blocks])
+        prestage = not first and int(row.get("num_groups") or 1) == 1
+        staged = self._prestage(name, [h for h, _ in blocks]) if prestage else None
         if staged is None:  # no worker answers: at least verify every blob here
             bad = self.rec.verify_blobs([d for _, d in blocks])
             staged_blocks = 0
@@ -221,16 +222,16 @@ class CoreOps:
         token_ids = msgpack.unpackb(row["token_ids"])
         new_salt = str(row["salt"]) if salt is None else text_arg(salt, "salt")
         block_rows: list[tuple[str, bytes, bytes]] = []
+        positions = self.rec.positions(src, row, len(blocks))
         if new_salt != row["salt"]:
             # Re-key the same blobs under the new salt's hash chain: no tensor copy.
             chain = block_hash_chain(token_ids, self.rec.block_size, new_salt, self.rec.hash_algo)
-            first = int(row.get("first_block") or 0)
-            hashes = chain[first : first + len(blocks)]
-            blocks = [(h, d) for h, (_, d) in zip(hashes, blocks, strict=False)]
+            blocks = [(chain[pos], d) for (_, pos), (_, d) in zip(positions, blocks, strict=True)]
+            fps = [self.rec.catalog.engine_fp_ids(e) for e in self.rec.group_engine_ids]
             block_rows = [
                 (fp, h, d)
-                for fp in self.rec.catalog.engine_fp_ids(self.rec.engine_fp_id)
-                for h, d in blocks
+                for (group, _), (h, d) in zip(positions, blocks, strict=True)
+                for fp in fps[group]
             ]
         new_row = self.rec.row(
             dst,
@@ -240,8 +241,11 @@ class CoreOps:
             str(row.get("description", "")) if description is None else description,
             json.loads(str(row.get("tags") or "[]")) if tags is None else tags,
             first_block=int(row.get("first_block") or 0),
+            num_groups=int(row.get("num_groups") or 1),
         )
-        self.rec.insert(new_row, blocks, block_rows=block_rows)
+        hybrid = int(row.get("num_groups") or 1) > 1
+        indices = [group_index(g, pos) for g, pos in positions] if hybrid else None
+        self.rec.insert(new_row, blocks, block_rows=block_rows, indices=indices)
         return self.rec.describe(dst)
 
     def delete(self, name: str) -> dict[str, Any]:
@@ -269,12 +273,28 @@ class CoreOps:
             "sessions": len(self.rec.sessions.summary()),
         }
 
-    def _wait_durable(self, hashes: list[bytes], progress: Progress) -> dict[bytes, bytes]:
+    def _missing_blocks(
+        self, name: str, row: dict[str, object], blocks: list[tuple[bytes, bytes]]
+    ) -> list[bytes]:
+        """The window's block hashes its group's engine does not hold."""
+        positions = self.rec.positions(name, row, len(blocks))
+        missing = []
+        for group, engine_id in enumerate(self.rec.group_engine_ids):
+            hashes = [h for (g, _), (h, _) in zip(positions, blocks, strict=True) if g == group]
+            stored = self.rec.catalog.digests_for_engine(engine_id, hashes)
+            missing += [h for h in hashes if h not in stored]
+        return missing
+
+    def _wait_durable(
+        self, hashes: list[bytes], progress: Progress, engine_id: str, fail_fast: bool = True
+    ) -> dict[bytes, bytes]:
         deadline = time.monotonic() + self.freeze_timeout_s
         while True:
-            found = self.rec.catalog.digests_for_engine(self.rec.engine_fp_id, hashes)
+            found = self.rec.catalog.digests_for_engine(engine_id, hashes)
             progress(len(found), len(set(hashes)))
-            failed = self._failed_captures([h for h in hashes if h not in found])
+            # The scheduler tracks the failed captures of the first group.
+            wanted = [h for h in hashes if h not in found]
+            failed = self._failed_captures(wanted) if fail_fast else 0
             if failed:
                 raise WindowError(
                     f"capture of {failed} of {len(hashes)} blocks failed (disk full, read-only "

@@ -22,6 +22,7 @@ from cwm_connector.engine.sessions import SessionTable, salt_digest
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.stats import Stats
 from cwm_connector.store.catalog import Catalog, catalog_path
+from cwm_connector.store.catalog_db import GROUP_STRIDE
 from cwm_connector.store.disk import DiskTier
 from cwm_connector.store.memory import MemoryTier
 from cwm_connector.store.tiered import TieredStore
@@ -45,6 +46,7 @@ class WindowRecords:
         sessions: SessionTable,
         store: TieredStore | None = None,
         shared: SharedWindows | None = None,
+        group_engine_ids: list[str] | None = None,
     ):
         self.store_dir = store_dir
         self.disk = DiskTier(store_dir)
@@ -55,6 +57,8 @@ class WindowRecords:
         self.shared = shared
         self.engine_fp = engine_fp
         self.engine_fp_id = engine_fp_id
+        # Each KV-cache group's catalog engine id (one group: the engine's own id).
+        self.group_engine_ids = group_engine_ids or [engine_fp_id]
         self.block_size = block_size
         self.hash_algo = hash_algo
         self.sessions = sessions
@@ -78,10 +82,12 @@ class WindowRecords:
         description: str = "",
         tags: Sequence[str] | None = None,
         first_block: int = 0,
+        num_groups: int = 1,
     ) -> dict[str, object]:
         """A window row; `first_block` is the position of its first block in the chain."""
         return {
             "first_block": int(first_block),
+            "num_groups": int(num_groups),
             "description": text_arg(description, "description", allow_empty=True),
             "tags": json.dumps(tags_arg(tags)),
             "name": name,
@@ -102,10 +108,14 @@ class WindowRecords:
         replace: bool = False,
         block_rows: Sequence[tuple[str, bytes, bytes]] = (),
         blob_rows: Sequence[tuple[bytes, int, int, str]] = (),
+        indices: Sequence[int] | None = None,
     ) -> None:
-        """Add a window: claim its name in Redis first (when shared), then the local catalog."""
+        """Add a window: claim its name in Redis first (when shared), then the local catalog.
+
+        A hybrid model's window stays local (Redis sharing of several groups: README).
+        """
         name = str(row["name"])
-        if self.shared is not None:
+        if self.shared is not None and indices is None:
             sizes = {d: (raw, stored, "") for d, (raw, stored) in self.catalog.blob_sizes(
                 [d for _, d in blocks]).items()}  # fmt: skip
             sizes.update({d: (raw, stored, codec) for d, raw, stored, codec in blob_rows})
@@ -114,8 +124,9 @@ class WindowRecords:
                 raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
             replace = True  # the name is ours now; the local row is a mirror
         ok = self.catalog.insert_window(
-            row, blocks, replace=replace, block_rows=block_rows, blob_rows=blob_rows
-        )
+            row, blocks, replace=replace, block_rows=block_rows, blob_rows=blob_rows,
+            indices=indices,
+        )  # fmt: skip
         if not ok:
             raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
 
@@ -195,3 +206,20 @@ class WindowRecords:
             except (BlobCorruptError, BlobMissingError, CwmError):
                 bad.append(dig)
         return bad
+
+    @property
+    def is_hybrid(self) -> bool:
+        """The engine has several KV-cache groups (its windows hold each group's blocks)."""
+        return len(self.group_engine_ids) > 1
+
+    def positions(self, name: str, row: dict[str, object], count: int) -> list[tuple[int, int]]:
+        """(group, block position) of each of a window's `count` blocks, in order."""
+        if int(row.get("num_groups") or 1) <= 1:
+            first = int(row.get("first_block") or 0)
+            return [(0, first + i) for i in range(count)]
+        return [divmod(idx, GROUP_STRIDE) for idx in self.catalog.window_block_indices(name)]
+
+
+def group_index(group: int, position: int) -> int:
+    """A hybrid window's window_blocks index of one block."""
+    return group * GROUP_STRIDE + position

@@ -49,11 +49,12 @@ class WindowService:
         latency: Callable[[str, float], None] | None = None,
         failed_captures: Callable[[list[bytes]], int] | None = None,
         freeze_timeout_s: float = 60.0,
+        group_engine_ids: list[str] | None = None,
     ):
         self.records = WindowRecords(
             store_dir=store_dir, engine_fp=engine_fp, engine_fp_id=engine_fp_id,
             block_size=block_size, hash_algo=hash_algo, sessions=sessions, store=store,
-            shared=shared,
+            shared=shared, group_engine_ids=group_engine_ids,
         )  # fmt: skip
         self.core = CoreOps(
             self.records, detokenize=detokenize, stats=stats, channels=channels,

@@ -36,6 +36,12 @@ class TransferOps:
         from safetensors.numpy import save_file
 
         row, blocks = self.rec.load(name)
+        if int(row.get("num_groups") or 1) > 1:
+            raise WindowError(
+                f"window {name!r} holds several KV-cache groups (hybrid allocator); exporting "
+                "those is not supported yet",
+                code="unsupported",
+            )
         path = self._export_path(file)
         sizes = self.rec.catalog.blob_sizes([d for _, d in blocks])
         raw_len = sizes[blocks[0][1]][0] if blocks else 0

@@ -386,3 +386,52 @@ def test_sliding_window_session_freezes_clones_and_travels_from_its_first_block(
     dst.transfer.import_(str(out), name="back")
     row, blocks = dst.records.catalog.get_window("back")
     assert row["first_block"] == 3 and [h for h, _ in blocks] == hashes[3:5]
+
+
+def test_hybrid_window_holds_each_groups_blocks_and_clones_them_per_group(
+    tmp_path: Path,
+) -> None:
+    # Issue 13: with the hybrid allocator on, a full group holds every block and a
+    # sliding-window group its tail; each group's blocks are keyed by its own engine id.
+    svc = make_service(tmp_path)
+    groups = [fingerprint_id({**ENGINE, "kv_group": g}) for g in range(2)]
+    svc.records.group_engine_ids = groups
+    tokens = list(range(4 * BS + 5))
+    chain = block_hash_chain(tokens, BS, "s", "sha256")
+    runs = [(0, chain[:4]), (2, chain[2:4])]
+    for group, (_, hashes) in enumerate(runs):
+        fp = f"fp-g{group}"
+        svc.records.catalog.register_fingerprint(fp, groups[group], "{}")
+        rows = []
+        for h in hashes:
+            raw = bytes([group]) * 64 + h
+            svc.records.disk.put(digest(raw), [raw])
+            rows.append((h, digest(raw)))
+        svc.records.catalog.add_blocks(fp, rows, [(d, len(h) + 64, len(h) + 64, "none")
+                                                  for h, d in rows])  # fmt: skip
+    svc.records.sessions.record("s", tokens, chain[:4], group_runs=runs)
+    win = svc.core.freeze("s", "w")
+    assert win["blocks"] == 6  # every group's blocks
+    row, blocks = svc.records.catalog.get_window("w")
+    assert row["num_groups"] == 2
+    assert svc.records.positions("w", row, len(blocks)) == [
+        (0, 0), (0, 1), (0, 2), (0, 3), (1, 2), (1, 3)
+    ]  # fmt: skip
+    assert svc.core.thaw("w")["token_ids"] == tokens
+    svc.core.clone("w", "w2", salt="t")  # re-keyed per group under the new salt
+    new_chain = block_hash_chain(tokens, BS, "t", "sha256")
+    for group, (first, hashes) in enumerate(runs):
+        stored = svc.records.catalog.digests_for_engine(groups[group], new_chain)
+        assert set(stored) == set(new_chain[first : first + len(hashes)])
+    assert svc.core.thaw("w2")["salt"] == "t"
+    with pytest.raises(CwmError) as err:
+        svc.transfer.export("w", str(tmp_path / "w.cwm"))
+    assert err.value.code == "unsupported"
+    # A group whose block went missing makes the window damaged, not a wrong restore.
+    svc.records.catalog._db.execute(
+        "DELETE FROM blocks WHERE fp_id = 'fp-g1' AND block_hash = ?", (chain[3],)
+    )
+    with pytest.raises(CwmError) as err:
+        svc.core.thaw("w")
+    assert err.value.code == "window_damaged"
+    assert svc.core.delete("w2")["deleted"] and svc.core.delete("w")["deleted"]
