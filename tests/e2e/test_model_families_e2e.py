@@ -91,9 +91,9 @@ def cwm_server(fam_root: Path, model: Path, store: Path, name: str, hma: bool) -
 
 
 def capture_session(
-    root: Path, spec: TinyModelSpec, wanted: set[bytes], hma: bool = True, freeze: bool = True
+    root: Path, spec: TinyModelSpec, wanted: set[bytes], hma: bool = True
 ) -> Family:
-    """vLLM alone answers the reference requests; then cwm captures (and freezes) the session."""
+    """vLLM alone answers the reference requests; then cwm captures and freezes the session."""
     model = build_tiny_model(root / "model", spec)
     plain_args = [] if hma else NO_HMA
     plain = VllmServer(str(model), root / "plain.log", extra_args=plain_args).start()
@@ -110,9 +110,7 @@ def capture_session(
     try:
         a.complete(SESSION, salt=SALT)
         wait_for(lambda: wanted <= stored_hashes(store))
-        window = {}
-        if freeze:
-            window = ControlClient(store / "control.sock").call("freeze", salt=SALT, name="win")
+        window = ControlClient(store / "control.sock").call("freeze", salt=SALT, name="win")
         stats = ControlClient(store / "control.sock").call("stats")
     finally:
         a.stop()
@@ -211,7 +209,7 @@ def test_alternating_model_with_the_hybrid_allocator_on(
     # vLLM's default now that cwm declares SupportsHMA: a full and a sliding-window
     # group; the sliding layer keeps only its window, in vLLM and in cwm's store.
     root = tmp_path_factory.mktemp("hybrid")
-    fam = capture_session(root, ALTERNATING, set(CHAIN[:SESSION_BLOCKS]), freeze=False)
+    fam = capture_session(root, ALTERNATING, set(CHAIN[:SESSION_BLOCKS]))
     assert "Turning off hybrid kv cache manager" not in (root / "A.log").read_text()
     with sqlite3.connect(fam.store / "catalog.sqlite") as db:
         docs = [r[0] for r in db.execute("SELECT doc FROM fingerprints")]
@@ -227,17 +225,19 @@ def test_alternating_model_with_the_hybrid_allocator_on(
     on_bytes, off_bytes = blob_bytes(fam.store), blob_bytes(off_store)
     assert 0 < on_bytes < 0.6 * off_bytes, (on_bytes, off_bytes)
 
+    assert fam.window["blocks"] == SESSION_BLOCKS + blocks_for_window(WINDOW, BLOCK)
     b = cwm_server(root, fam.model, fam.store, "B", hma=True).start()
     try:
-        with pytest.raises(CwmError) as err:  # windows hold one group's blocks for now
-            ControlClient(fam.store / "control.sock").call("freeze", salt=SALT, name="w")
-        assert err.value.code in ("unsupported", "unknown_session")
+        thawed = ControlClient(fam.store / "control.sock").call("thaw", name="win")
+        assert thawed["blocks"] == fam.window["blocks"]
         restored = b.complete(NEXT_TURN, salt=SALT)
         hits = b.metric(EXTERNAL_HITS)
         assert hits == cached(fam.reference) == SESSION_BLOCKS * BLOCK == cached(restored)
         assert outputs(restored) == outputs(fam.reference)  # vLLM's own hit, allocator on
-        with pytest.raises(CwmError) as err:
-            ControlClient(fam.store / "control.sock").call("freeze", salt=SALT, name="w")
+        with pytest.raises(CwmError) as err:  # several groups do not export yet
+            ControlClient(fam.store / "control.sock").call(
+                "export", name="win", file=str(root / "win.cwm")
+            )
         assert err.value.code == "unsupported"
         worker = read_stats(fam.store)
         assert worker["restore_verified_blocks"] == worker["loaded_blocks"]
