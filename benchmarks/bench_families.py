@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/families.json"))
+    p.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     return p.parse_args()
 
 
@@ -53,13 +54,19 @@ def blob_bytes(store: Path) -> int:
 
 
 def wait_captured(store: Path, want: int, timeout_s: float = 300.0) -> None:
+    """Until the catalog holds `want` block rows and no more arrive for 3 s (every group)."""
     deadline = time.monotonic() + timeout_s
     path = store / "catalog.sqlite"
+    last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
+        count = 0
         if path.exists():
             with sqlite3.connect(path) as db:
-                if db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0] >= want:
-                    return
+                count = db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0]
+        if count != last:
+            last, since = count, time.monotonic()
+        elif count >= want and time.monotonic() - since > 3.0:
+            return
         time.sleep(0.5)
     raise TimeoutError(f"fewer than {want} blocks captured in {timeout_s}s")
 
@@ -71,6 +78,7 @@ def one_setting(model: Path, work: Path, n: int, hma: bool, repeats: int) -> dic
     turns = [s + tokens(NEW_TOKENS, seed=1000 + i) for i, s in enumerate(sessions)]
     args = {"max_model_len": n + 256, "kv_cache_gb": 4, "extra_args": extra}
     plain = VllmServer(str(model), work / f"plain-{name}.log", **args).start()
+    plain.complete(tokens(48, seed=99), salt=None, max_tokens=1)  # warm-up, excluded
     try:
         prefix_hit = []
         for i, (session, turn) in enumerate(zip(sessions, turns, strict=True)):
@@ -89,6 +97,7 @@ def one_setting(model: Path, work: Path, n: int, hma: bool, repeats: int) -> dic
         a.stop()
     stored = blob_bytes(store)
     b = VllmServer(str(model), work / f"b-{name}.log", connector=config, **args).start()
+    b.complete(tokens(48, seed=99), salt=None, max_tokens=1)  # warm-up, excluded
     try:
         restore, hits = [], []
         for i, turn in enumerate(turns):
@@ -120,7 +129,7 @@ def main() -> None:
         layer_types=layer_types, sliding_window=args.window,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="cwm-families-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.keep is None else args.keep
         model = build_tiny_model(work / "model", spec)
         rows = [
             one_setting(model, work, n, hma, args.repeats)
