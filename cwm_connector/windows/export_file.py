@@ -138,7 +138,19 @@ def _check_manifest(manifest: Any) -> None:
     first = manifest.get("first_block", 0)  # a sliding window's run starts past block 0
     if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first < 1 << 24:
         raise BadImport("first_block must be a non-negative integer")
-    if len(manifest["token_ids"]) > (first + len(manifest["block_hashes"]) + 2) * block_size:
+    last = first + len(manifest["block_hashes"])
+    positions = manifest.get("positions")  # a hybrid model's window: [group, position] each
+    if positions is not None:
+        if not isinstance(positions, list) or len(positions) != len(manifest["block_hashes"]):
+            raise BadImport("positions must list one [group, position] per block")
+        if not all(
+            isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p)
+            and 0 <= p[0] < 64 and 0 <= p[1] < 1 << 24
+            for p in positions
+        ):  # fmt: skip
+            raise BadImport("positions must be [group, position] pairs of small integers")
+        last = max((p[1] + 1 for p in positions), default=0)
+    if len(manifest["token_ids"]) > (last + 2) * block_size:
         raise BadImport("token_ids are longer than the window's blocks")
 
 

@@ -9,6 +9,7 @@ to the local catalog and, when Redis sharing is on, are claimed there first.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from cwm_connector.windows.args import WindowError, tags_arg, text_arg, validate
 
 if TYPE_CHECKING:
     from cwm_connector.windows.share import SharedWindows
+
+logger = logging.getLogger("vllm.cwm.windows")
 
 
 class WindowRecords:
@@ -115,6 +118,9 @@ class WindowRecords:
         A hybrid model's window stays local (Redis sharing of several groups: README).
         """
         name = str(row["name"])
+        if self.shared is not None and indices is not None:
+            logger.warning("cwm: window %r holds several KV-cache groups: kept local, not "
+                           "shared through Redis (not supported yet)", name)  # fmt: skip
         if self.shared is not None and indices is None:
             sizes = {d: (raw, stored, "") for d, (raw, stored) in self.catalog.blob_sizes(
                 [d for _, d in blocks]).items()}  # fmt: skip

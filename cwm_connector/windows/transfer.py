@@ -22,7 +22,7 @@ from cwm_connector.engine.hash_chain import block_hash_chain
 from cwm_connector.store.blob import digest as blob_digest
 from cwm_connector.windows.args import Progress, WindowError, no_progress, user_path, validate_name
 from cwm_connector.windows.export_file import EXPORT_FORMAT, ExportFile, open_export
-from cwm_connector.windows.records import WindowRecords
+from cwm_connector.windows.records import WindowRecords, group_index
 
 
 class TransferOps:
@@ -36,14 +36,16 @@ class TransferOps:
         from safetensors.numpy import save_file
 
         row, blocks = self.rec.load(name)
-        if int(row.get("num_groups") or 1) > 1:
+        path = self._export_path(file)
+        sizes = self.rec.catalog.blob_sizes([d for _, d in blocks])
+        hybrid = int(row.get("num_groups") or 1) > 1
+        positions = [list(p) for p in self.rec.positions(name, row, len(blocks))]
+        if len({sizes[d][0] for _, d in blocks if d in sizes}) > 1:
             raise WindowError(
-                f"window {name!r} holds several KV-cache groups (hybrid allocator); exporting "
+                f"window {name!r}: its KV-cache groups' blocks differ in size; exporting "
                 "those is not supported yet",
                 code="unsupported",
             )
-        path = self._export_path(file)
-        sizes = self.rec.catalog.blob_sizes([d for _, d in blocks])
         raw_len = sizes[blocks[0][1]][0] if blocks else 0
         data = np.empty((len(blocks), raw_len), dtype=np.uint8)
         for i, (_, dig) in enumerate(blocks):
@@ -58,6 +60,7 @@ class TransferOps:
             "hash_algo": self.rec.hash_algo,
             "first_block": int(row.get("first_block") or 0),
             "block_hashes": [h.hex() for h, _ in blocks],
+            **({"positions": positions} if hybrid else {}),
             "digests": [d.hex() for _, d in blocks],
             "fingerprint": json.loads(str(row["fingerprint"])),
         }
@@ -111,7 +114,20 @@ class TransferOps:
         )
         hashes = [bytes.fromhex(h) for h in manifest["block_hashes"]]
         first = manifest.get("first_block", 0)  # checked by open_export
-        if hashes != expected[first : first + len(hashes)] or len(hashes) != export.num_blocks:
+        positions = [tuple(p) for p in manifest.get("positions") or []] or [
+            (0, first + i) for i in range(len(hashes))
+        ]
+        num_groups = len(self.rec.group_engine_ids)
+        if any(g >= num_groups for g, _ in positions) or (
+            manifest.get("positions") is not None and num_groups == 1
+        ):
+            raise WindowError("import refused: the window's KV-cache groups are not this "
+                              "engine's", code="bad_import")  # fmt: skip
+        if (
+            any(pos >= len(expected) or expected[pos] != h
+                for (_, pos), h in zip(positions, hashes, strict=True))
+            or len(hashes) != export.num_blocks
+        ):  # fmt: skip
             raise WindowError(
                 "import refused: the block hashes do not belong to the window's tokens and salt",
                 code="bad_import",
@@ -131,11 +147,19 @@ class TransferOps:
                     written.append(dig)
                     blob_rows.append((dig, export.block_bytes, stored, "none"))
                 progress(len(digests) + i + 1, total)
-            fps = self.rec.catalog.engine_fp_ids(self.rec.engine_fp_id)
-            block_rows = [(fp, h, d) for fp in fps for h, d in zip(hashes, digests, strict=True)]
-            row = self.rec.row(name, manifest["salt"], token_ids, parent=None, first_block=first)
+            group_fps = [self.rec.catalog.engine_fp_ids(e) for e in self.rec.group_engine_ids]
+            block_rows = [
+                (fp, h, d)
+                for (group, _), h, d in zip(positions, hashes, digests, strict=True)
+                for fp in group_fps[group]
+            ]
+            row = self.rec.row(name, manifest["salt"], token_ids, parent=None, first_block=first,
+                               num_groups=num_groups)  # fmt: skip
             blocks = list(zip(hashes, digests, strict=True))
-            self.rec.insert(row, blocks, block_rows=block_rows, blob_rows=blob_rows)
+            indices = [group_index(g, pos) for g, pos in positions] if num_groups > 1 else None
+            self.rec.insert(
+                row, blocks, block_rows=block_rows, blob_rows=blob_rows, indices=indices
+            )
         except BaseException:
             for dig in written:  # never leave files of a refused import (unless now in use)
                 if not self.rec.catalog.has_blob(dig):

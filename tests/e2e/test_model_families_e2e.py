@@ -28,7 +28,6 @@ from cwm_connector.demo.tiny_model import TinyModelSpec, build_tiny_model
 from cwm_connector.demo.vllm_process import VllmServer
 from cwm_connector.engine.hash_chain import block_hash_chain
 from cwm_connector.engine.kv_groups import blocks_for_window
-from cwm_connector.errors import CwmError
 from cwm_connector.stats import read_stats
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -234,11 +233,10 @@ def test_alternating_model_with_the_hybrid_allocator_on(
         hits = b.metric(EXTERNAL_HITS)
         assert hits == cached(fam.reference) == SESSION_BLOCKS * BLOCK == cached(restored)
         assert outputs(restored) == outputs(fam.reference)  # vLLM's own hit, allocator on
-        with pytest.raises(CwmError) as err:  # several groups do not export yet
-            ControlClient(fam.store / "control.sock").call(
-                "export", name="win", file=str(root / "win.cwm")
-            )
-        assert err.value.code == "unsupported"
+        control = ControlClient(fam.store / "control.sock")  # every group travels
+        control.call("export", name="win", file=str(root / "win.cwm"))
+        imported = control.call("import", file=str(root / "win.cwm"), name="win2")
+        assert imported["blocks"] == fam.window["blocks"]
         worker = read_stats(fam.store)
         assert worker["restore_verified_blocks"] == worker["loaded_blocks"]
         assert worker.get("restore_mismatch_blocks", 0) == 0

@@ -393,7 +393,7 @@ def test_hybrid_window_holds_each_groups_blocks_and_clones_them_per_group(
 ) -> None:
     # Issue 13: with the hybrid allocator on, a full group holds every block and a
     # sliding-window group its tail; each group's blocks are keyed by its own engine id.
-    svc = make_service(tmp_path)
+    svc = make_service(tmp_path / "store")
     groups = [fingerprint_id({**ENGINE, "kv_group": g}) for g in range(2)]
     svc.records.group_engine_ids = groups
     tokens = list(range(4 * BS + 5))
@@ -424,9 +424,23 @@ def test_hybrid_window_holds_each_groups_blocks_and_clones_them_per_group(
         stored = svc.records.catalog.digests_for_engine(groups[group], new_chain)
         assert set(stored) == set(new_chain[first : first + len(hashes)])
     assert svc.core.thaw("w2")["salt"] == "t"
+    # Export and import keep each block's group and position (the chain is checked there).
+    svc.transfer.export("w2", str(tmp_path / "w2.cwm"))
+    twin = make_service(tmp_path / "twin")
+    twin.records.group_engine_ids = groups
+    for group in range(2):
+        twin.records.catalog.register_fingerprint(f"fp-g{group}", groups[group], "{}")
+    twin.transfer.import_(str(tmp_path / "w2.cwm"), name="back")
+    row, blocks = twin.records.catalog.get_window("back")
+    assert row["num_groups"] == 2 and row["salt"] == "t"
+    assert twin.records.positions("back", row, len(blocks)) == svc.records.positions(
+        "w2", *svc.records.catalog.get_window("w2")[:1], len(blocks)
+    )
+    assert twin.core.thaw("back")["token_ids"] == tokens
+    plain = make_service(tmp_path / "plain")  # one KV-cache group: not this window's engine
     with pytest.raises(CwmError) as err:
-        svc.transfer.export("w", str(tmp_path / "w.cwm"))
-    assert err.value.code == "unsupported"
+        plain.transfer.import_(str(tmp_path / "w2.cwm"), name="back")
+    assert err.value.code == "bad_import"
     # A group whose block went missing makes the window damaged, not a wrong restore.
     svc.records.catalog._db.execute(
         "DELETE FROM blocks WHERE fp_id = 'fp-g1' AND block_hash = ?", (chain[3],)
