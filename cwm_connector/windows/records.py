@@ -9,7 +9,6 @@ to the local catalog and, when Redis sharing is on, are claimed there first.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -31,8 +30,6 @@ from cwm_connector.windows.args import WindowError, tags_arg, text_arg, validate
 
 if TYPE_CHECKING:
     from cwm_connector.windows.share import SharedWindows
-
-logger = logging.getLogger("vllm.cwm.windows")
 
 
 class WindowRecords:
@@ -118,15 +115,12 @@ class WindowRecords:
         A hybrid model's window stays local (Redis sharing of several groups: README).
         """
         name = str(row["name"])
-        if self.shared is not None and indices is not None:
-            logger.warning("cwm: window %r holds several KV-cache groups: kept local, not "
-                           "shared through Redis (not supported yet)", name)  # fmt: skip
-        if self.shared is not None and indices is None:
+        if self.shared is not None:
             sizes = {d: (raw, stored, "") for d, (raw, stored) in self.catalog.blob_sizes(
                 [d for _, d in blocks]).items()}  # fmt: skip
             sizes.update({d: (raw, stored, codec) for d, raw, stored, codec in blob_rows})
-            fp_rows = {fp: list(blocks) for fp in self.catalog.engine_fp_ids(self.engine_fp_id)}
-            if not self.shared.publish(row, blocks, sizes, fp_rows, replace):
+            fp_rows = self._fp_rows(blocks, indices)
+            if not self.shared.publish(row, blocks, sizes, fp_rows, replace, indices):
                 raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
             replace = True  # the name is ours now; the local row is a mirror
         ok = self.catalog.insert_window(
@@ -147,16 +141,17 @@ class WindowRecords:
         if found is None and self.shared is not None:
             fetched = self.shared.fetch(name)
             if fetched is not None:  # mirror a window another server froze
-                row, blocks, sizes = fetched
-                fps = self.catalog.engine_fp_ids(self.engine_fp_id)
+                row, blocks, sizes, indices = fetched
+                fp_rows = self._fp_rows(blocks, indices)
                 self.catalog.insert_window(
                     row,
                     blocks,
                     replace=True,
-                    block_rows=[(fp, h, d) for fp in fps for h, d in blocks],
+                    block_rows=[(fp, h, d) for fp, rows in fp_rows.items() for h, d in rows],
                     blob_rows=[
                         (d, raw, stored, codec or "redis") for d, raw, stored, codec in sizes
                     ],
+                    indices=indices,
                 )
                 found = self.catalog.get_window(name)
         if found is None:
@@ -212,6 +207,18 @@ class WindowRecords:
             except (BlobCorruptError, BlobMissingError, CwmError):
                 bad.append(dig)
         return bad
+
+    def _fp_rows(
+        self, blocks: list[tuple[bytes, bytes]], indices: Sequence[int] | None
+    ) -> dict[str, list[tuple[bytes, bytes]]]:
+        """Each registered fingerprint's (hash, digest) rows: a block goes to its group's."""
+        groups = [0] * len(blocks) if indices is None else [i // GROUP_STRIDE for i in indices]
+        out: dict[str, list[tuple[bytes, bytes]]] = {}
+        for group, engine_id in enumerate(self.group_engine_ids):
+            rows = [b for g, b in zip(groups, blocks, strict=True) if g == group]
+            for fp in self.catalog.engine_fp_ids(engine_id):
+                out[fp] = rows
+        return out
 
     @property
     def is_hybrid(self) -> bool:

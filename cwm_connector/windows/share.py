@@ -41,8 +41,12 @@ class SharedWindows:
         sizes: dict[bytes, tuple[int, int, str]],
         fp_rows: dict[str, Blocks],
         replace: bool,
+        indices: Sequence[int] | None = None,
     ) -> bool:
-        """Copy blobs and rows to Redis, then claim the name; False if it is taken."""
+        """Copy blobs and rows to Redis, then claim the name; False if it is taken.
+
+        `indices`: a hybrid model's window_blocks indices (group x 2^32 + position).
+        """
         for fp_id, rows in fp_rows.items():
             self.store.upload(fp_id, rows)
         manifest = {
@@ -50,13 +54,16 @@ class SharedWindows:
             "row": dict(row),
             "blocks": [[h, d] for h, d in blocks],
             "sizes": [[d, *sizes[d]] for d in dict.fromkeys(d for _, d in blocks) if d in sizes],
+            **({"indices": list(indices)} if indices is not None else {}),
         }
         packed = msgpack.packb(manifest, use_bin_type=True)
         claimed = self.redis.put_window(str(row["name"]), packed, replace=replace)
         return claimed
 
-    def fetch(self, name: str) -> tuple[Row, Blocks, list[tuple[bytes, int, int, str]]] | None:
-        """A window's row, blocks and blob sizes from Redis, checked; None if absent."""
+    def fetch(
+        self, name: str
+    ) -> tuple[Row, Blocks, list[tuple[bytes, int, int, str]], list[int] | None] | None:
+        """A window's row, blocks, blob sizes and indices from Redis, checked; None if absent."""
         packed = self.redis.get_window(name)
         if packed is None:
             if not self.redis.available():
@@ -69,20 +76,33 @@ class SharedWindows:
             sizes = [(bytes(d), int(r), int(s), str(c)) for d, r, s, c in manifest["sizes"]]
             token_ids = msgpack.unpackb(row["token_ids"])
             salt = row["salt"]
+            indices = manifest.get("indices")
+            if indices is not None:
+                indices = [int(i) for i in indices]
+                if len(indices) != len(blocks):
+                    raise ValueError("indices")
             if manifest["v"] != MANIFEST_VERSION or row["name"] != name:
                 raise ValueError("version or name")
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise CwmError(
                 f"window {name!r} in redis has a malformed manifest", code="window_damaged"
             ) from exc
-        hashes = [h for h, _ in blocks]
         first = int(row.get("first_block") or 0)
-        if hashes != self._hash_chain(list(token_ids), str(salt))[first : first + len(hashes)]:
+        chain = self._hash_chain(list(token_ids), str(salt))
+        stride = 1 << 32  # window_blocks.idx of a hybrid window: group x 2^32 + position
+        positions = (
+            [first + i for i in range(len(blocks))]
+            if indices is None
+            else [i % stride for i in indices]
+        )
+        if any(
+            p >= len(chain) or chain[p] != h for p, (h, _) in zip(positions, blocks, strict=True)
+        ):
             raise CwmError(
                 f"window {name!r} in redis names block hashes that are not its tokens' chain",
                 code="window_damaged",
             )
-        return row, blocks, sizes
+        return row, blocks, sizes, indices
 
     def names(self) -> list[str]:
         """Window names in Redis (empty while Redis is unavailable)."""

@@ -449,3 +449,56 @@ def test_hybrid_window_holds_each_groups_blocks_and_clones_them_per_group(
         svc.core.thaw("w")
     assert err.value.code == "window_damaged"
     assert svc.core.delete("w2")["deleted"] and svc.core.delete("w")["deleted"]
+
+
+def test_hybrid_window_travels_through_redis_with_its_groups(tmp_path: Path) -> None:
+    # Two servers share one real Redis: a hybrid window frozen on one thaws on the other,
+    # each block mirrored under its own group's fingerprint at its own position.
+    import uuid
+
+    from redis_servers import RedisServer, redis_available
+
+    if not redis_available():
+        pytest.fail("redis-server is not installed (make setup installs it)")
+    from cwm_connector.stats import Stats
+    from cwm_connector.store.memory import MemoryTier
+    from cwm_connector.store.redis import RedisTier
+    from cwm_connector.store.tiered import TieredStore
+    from cwm_connector.windows.share import SharedWindows
+
+    groups = [fingerprint_id({**ENGINE, "kv_group": g}) for g in range(2)]
+    tokens = list(range(3 * BS + 1))
+    chain = block_hash_chain(tokens, BS, "s", "sha256")
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with RedisServer() as redis:
+        services = []
+        for name in ("a", "b"):
+            svc = make_service(tmp_path / name)
+            svc.records.group_engine_ids = groups
+            for group in range(2):
+                svc.records.catalog.register_fingerprint(f"fp-g{group}", groups[group], "{}")
+            tier = RedisTier(redis.url, prefix=prefix)
+            svc.records.store = TieredStore(
+                MemoryTier(1), svc.records.disk, tier, Stats(None), promote=False
+            )
+            svc.records.shared = SharedWindows(
+                tier, svc.records.store, lambda ids, salt: block_hash_chain(ids, BS, salt, "sha256")
+            )
+            services.append(svc)
+        a, b = services
+        runs = [(0, chain[:3]), (2, chain[2:3])]
+        for group, (_, hashes) in enumerate(runs):
+            rows = []
+            for h in hashes:
+                raw = bytes([group + 1]) * 64
+                a.records.disk.put(digest(raw), [raw])
+                rows.append((h, digest(raw)))
+            a.records.catalog.add_blocks(f"fp-g{group}", rows, [(d, 64, 64, "none")
+                                                                for _, d in rows])  # fmt: skip
+        a.records.sessions.record("s", tokens, chain[:3], group_runs=runs)
+        a.core.freeze("s", "shared")
+        thawed = b.core.thaw("shared")  # fetched from Redis, checked, mirrored
+        assert thawed["blocks"] == 4 and "redis" in thawed["tiers"]
+        row, blocks = b.records.catalog.get_window("shared")
+        assert b.records.positions("shared", row, len(blocks)) == [(0, 0), (0, 1), (0, 2), (1, 2)]
+        assert set(b.records.catalog.digests_for_engine(groups[1], chain)) == {chain[2]}
