@@ -8,6 +8,7 @@ does), filled with a file or remounted read-only. They skip only where mounting 
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import subprocess
 import sys
@@ -68,7 +69,17 @@ def leftovers(store: Path) -> list[Path]:
 
 
 def remount(path: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+    """Remount read-only or read-write; a file still open for writing (a connection that
+    a stopped worker's thread closes late on a loaded machine) makes `ro` busy: retry."""
+    for _ in range(40):
+        gc.collect()  # SQLite connections nobody closed explicitly
+        proc = subprocess.run(
+            ["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, text=True
+        )
+        if proc.returncode == 0:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"remount {mode} of {path} failed: {proc.stderr}")
 
 
 def fill(path: Path, keep_free: int = 0) -> Path:
