@@ -26,7 +26,7 @@ from cwm_connector.engine.fingerprint import (
     full_fingerprint,
     hash_chain_stable,
 )
-from cwm_connector.engine.group_workers import GroupWorkers
+from cwm_connector.engine.group_workers import GroupWorkers, InertWorkers
 from cwm_connector.engine.hash_chain import block_hash_chain, engine_hash_probe
 from cwm_connector.engine.hit_run import tail_run
 from cwm_connector.engine.kv_groups import (
@@ -140,7 +140,7 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
         self._block_size = vllm_config.cache_config.block_size
         self._windows, self._inert = restore_plan(self._groups, self._block_size)
         self._scheduler: CwmScheduler | None = None
-        self._worker: GroupWorkers | None = None
+        self._worker: GroupWorkers | InertWorkers | None = None
         self._kv_caches: dict[str, torch.Tensor] | None = None
         self._deltas = DeltaTracker()  # increments for vLLM's /metrics
         self._service: WindowService | None = None
@@ -317,7 +317,7 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
             self._start_workers(kv_caches)
         except Exception:
             logger.exception("cwm: cannot read this KV cache layout; cwm copies nothing")
-            self._worker = None
+            self._worker = InertWorkers(_tp_rank())  # answers every job: nothing waits
 
     def _start_workers(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from cwm_connector.engine.kv_layout import KVLayout

@@ -15,6 +15,7 @@ import torch
 
 from cwm_connector.engine.plans import StepPlan, WorkerReport
 from cwm_connector.engine.worker import CwmWorker
+from cwm_connector.stats import Stats
 
 
 class GroupWorkers:
@@ -80,3 +81,53 @@ class GroupWorkers:
     def shutdown(self) -> None:
         for worker in self.workers:
             worker.shutdown()
+
+
+class InertWorkers:
+    """The worker side when cwm cannot read this KV cache: holds nothing, copies nothing.
+
+    It still answers the scheduler's jobs so nothing waits on it: kept blocks are
+    released once vLLM announces their request finished, and every staging job
+    reports zero blocks at once (a miss, recomputed), so no request stalls.
+    """
+
+    is_cuda = False
+
+    def __init__(self, rank: int):
+        self._rank = rank
+        self._released: set[str] = set()
+        self._announced: set[str] = set()
+        self._reports: list[WorkerReport] = []
+        self.stats = Stats(None)
+
+    def submit(self, plans: Sequence[StepPlan], by_layer: bool = False) -> None:
+        for group, plan in enumerate(plans):
+            self._released.update(job.req_id for job in plan.captures)
+            if plan.stages:
+                staged = {job.job_id: 0 for job in plan.stages}
+                self._reports.append(WorkerReport(self._rank, group, staged=staged))
+
+    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
+        self._announced |= finished_req_ids & self._released
+        done, self._announced = self._announced, set()
+        self._released -= done
+        return done
+
+    def take_reports(self) -> list[WorkerReport]:
+        reports, self._reports = self._reports, []
+        return reports
+
+    def take_load_errors(self) -> set[int]:
+        return set()
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        return
+
+    def unregister(self) -> None:
+        return
+
+    def restore(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        return
+
+    def shutdown(self) -> None:
+        return
