@@ -1,17 +1,39 @@
 """Which stored blocks make a hit, per attention kind (pure).
 
-A hit ends at a block boundary `end`. Full attention needs every block in
-`[start, end)`; a sliding window needs only the `window_blocks` blocks before
-`end` (and never those before `start`, which the engine already holds). The
-largest `end` wins, as in vLLM's own `find_longest_cache_hit`.
+A hit ends at a block boundary `end`. Each KV-cache group has a rule: full
+attention (None) needs every block in `[start, end)`; a sliding window (an int,
+its blocks) only that many blocks before `end`; chunked-local attention
+(`Chunk(blocks per chunk)`) only the blocks of `end`'s own chunk before `end`,
+none at a chunk boundary. Blocks before `start` the engine holds already. The
+largest `end` every group serves wins, as in vLLM's own `find_longest_cache_hit`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
-def find_hit(is_stored: Sequence[bool], start: int, window_blocks: int | None) -> tuple[int, int]:
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Chunked-local attention's rule: a token attends within its chunk of `blocks` blocks."""
+
+    blocks: int
+
+
+Rule = int | Chunk | None
+
+
+def needed(rule: Rule, start: int, end: int) -> int:
+    """How many blocks before `end` a group with `rule` must provide for a hit [start, end)."""
+    if rule is None:
+        return end - start
+    if isinstance(rule, Chunk):
+        return min(end % rule.blocks, end - start)
+    return min(rule, end - start)
+
+
+def find_hit(is_stored: Sequence[bool], start: int, window_blocks: Rule) -> tuple[int, int]:
     """(first, end): blocks [first, end) to load for the longest hit beyond `start`.
 
     `is_stored[i]` says whether block `start + i` is in the store. end == start
@@ -21,18 +43,18 @@ def find_hit(is_stored: Sequence[bool], start: int, window_blocks: int | None) -
     return span(start, end, window_blocks), end
 
 
-def span(start: int, end: int, window_blocks: int | None) -> int:
+def span(start: int, end: int, rule: Rule) -> int:
     """The first block a group must provide for a hit [start, end)."""
-    return start if window_blocks is None else max(start, end - window_blocks)
+    return end - needed(rule, start, end)
 
 
 def common_end(
-    stored_by_group: Sequence[Sequence[bool]], start: int, windows: Sequence[int | None]
+    stored_by_group: Sequence[Sequence[bool]], start: int, windows: Sequence[Rule]
 ) -> int:
     """The largest boundary every group can serve from its stored blocks (start: none).
 
-    Linear in the blocks: a full group's run from `start` caps the boundary; a sliding
-    group needs a stored run of min(window, end - start) blocks ending at the boundary.
+    Linear in the blocks: a full group's run from `start` caps the boundary; any other
+    group needs a stored run of `needed(...)` blocks ending at the boundary.
     """
     limit = start + min((len(s) for s in stored_by_group), default=0)
     runs: list[list[int]] = []
@@ -47,7 +69,7 @@ def common_end(
             limit = min(limit, start + full)
     for end in range(limit, start, -1):
         if all(
-            w is None or run[end - start - 1] >= min(w, end - start)
+            w is None or run[end - start - 1] >= needed(w, start, end)
             for run, w in zip(runs, windows, strict=True)
         ):
             return end

@@ -7,7 +7,8 @@ vLLM hands a connector a `KVCacheConfig` whose groups share a block table each
 | --- | --- |
 | `full` | every block before B |
 | `sliding` | the `window_blocks` blocks before B (vLLM's null block elsewhere) |
-| `chunked`, `mamba`, `other` | not restored: cwm stays inert for the model |
+| `chunked` | the blocks of B's own chunk before B (none at a chunk boundary) |
+| `mamba`, `other` | not restored: cwm stays inert for the model |
 
 The spec classes are read by name (no vLLM import here), so this module is pure
 and its policy is a table.
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cwm_connector.engine.fingerprint import fingerprint_id
+from cwm_connector.engine.hit_run import Chunk, Rule
 
 NULL_BLOCK_ID = 0  # vLLM's BlockPool hands its first block as the shared null block
 
@@ -30,7 +32,7 @@ KIND_BY_SPEC = {
     "MambaSpec": "mamba",
     "FullAttentionSpec": "full",  # MLA specs derive from it
 }
-RESTORABLE_KINDS = frozenset({"full", "sliding"})
+RESTORABLE_KINDS = frozenset({"full", "sliding", "chunked"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +42,14 @@ class GroupSpec:
     kind: str
     block_size: int
     num_layers: int
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the window, or the chunk size of chunked-local
     spec: str = ""
 
     @property
-    def window_blocks(self) -> int | None:
-        """Blocks a hit needs before its boundary (None: every block, full attention)."""
+    def window_blocks(self) -> Rule:
+        """The group's hit rule (hit_run.py): None for full attention."""
+        if self.kind == "chunked" and self.sliding_window:
+            return Chunk(self.sliding_window // self.block_size)
         if self.kind != "sliding" or self.sliding_window is None:
             return None
         return blocks_for_window(self.sliding_window, self.block_size)
@@ -76,7 +80,8 @@ def describe_groups(kv_cache_config: Any) -> list[GroupSpec]:
     for group in groups:
         spec = group.kv_cache_spec
         kind = kind_of(spec)
-        window = getattr(spec, "sliding_window", None) if kind == "sliding" else None
+        window = {"sliding": getattr(spec, "sliding_window", None),
+                  "chunked": getattr(spec, "attention_chunk_size", None)}.get(kind)  # fmt: skip
         out.append(
             GroupSpec(kind, int(spec.block_size), len(group.layer_names), window,
                       type(spec).__name__)
@@ -98,10 +103,10 @@ def fingerprint_field(groups: Sequence[GroupSpec]) -> list[dict[str, Any]] | Non
 
 def restore_plan(
     groups: Sequence[GroupSpec], block_size: int | None = None
-) -> tuple[list[int | None], str | None]:
+) -> tuple[list[Rule], str | None]:
     """(each group's window_blocks, why cwm is inert) for a KV cache.
 
-    Every group must be full or sliding-window attention, with the engine's block
+    Every group must be full, sliding-window or chunked-local attention, with the engine's block
     size (vLLM hashes blocks of that size); else cwm stays inert for the model.
     """
     if not groups:
@@ -109,6 +114,8 @@ def restore_plan(
     for group in groups:
         if group.kind not in RESTORABLE_KINDS:
             return [None], f"the {group.kind} KV-cache group ({group.spec}) is not restored"
+        if group.kind == "chunked" and (group.sliding_window or 0) % group.block_size:
+            return [None], "a chunked-local group's chunk is not a whole number of blocks"
         if block_size is not None and group.block_size != block_size:
             return [None], (
                 f"a KV-cache group's block size {group.block_size} differs from the engine's "

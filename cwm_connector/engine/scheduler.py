@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cwm_connector.engine.hit_run import common_end, served_end, span
+from cwm_connector.engine.hit_run import Rule, common_end, served_end, span
 from cwm_connector.engine.kv_groups import NULL_BLOCK_ID
 from cwm_connector.engine.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
 
@@ -101,13 +101,13 @@ class CwmScheduler:
         capture: str = "salted",
         restore: bool = True,
         stage_timeout_s: float = 10.0,
-        window_blocks: int | None = None,
-        windows: Sequence[int | None] | None = None,
+        window_blocks: Rule = None,
+        windows: Sequence[Rule] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.block_size = block_size
-        # One entry per KV-cache group: None for full attention (a hit needs every block
-        # before it), else a sliding window's blocks before its boundary (issue 13).
+        # One rule per KV-cache group (hit_run.py): None for full attention (a hit needs
+        # every block before it), a sliding window's blocks, or a Chunk (issue 13).
         self.windows = list(windows) if windows is not None else [window_blocks]
         self.tp_size = tp_size
         self.capture = capture
@@ -188,6 +188,9 @@ class CwmScheduler:
         stages = []
         for group, window in enumerate(self.windows):
             first = span(start, end, window)
+            if first == end:  # a chunk boundary: this group needs no block for the hit
+                stages.append(_GroupStage(NO_JOB, first, num_blocks_ready=0))
+                continue
             job_id = next(self._job_ids)
             stages.append(_GroupStage(job_id, first))
             self._job_to_req[job_id] = (req_id, group)
@@ -262,6 +265,8 @@ class CwmScheduler:
         for group, stage in enumerate(pending.stages):
             self._job_to_req.pop(stage.job_id, None)
             dest = list(block_ids[group][stage.first_block : end])
+            if not dest:
+                continue
             if NULL_BLOCK_ID in dest:
                 # vLLM allocates real blocks inside the window, so this never happens; if
                 # it did, nothing is written to the null block and the real ones are
@@ -279,8 +284,9 @@ class CwmScheduler:
         pending = self._pending.pop(req_id, None)
         if pending is not None:
             for group, stage in enumerate(pending.stages):
-                self._job_to_req.pop(stage.job_id, None)
-                self._plans[group].drops.append(stage.job_id)
+                if stage.job_id != NO_JOB:
+                    self._job_to_req.pop(stage.job_id, None)
+                    self._plans[group].drops.append(stage.job_id)
 
     # -- capture -----------------------------------------------------------
     def request_finished(

@@ -90,10 +90,13 @@ def cwm_server(fam_root: Path, model: Path, store: Path, name: str, hma: bool) -
 
 
 def capture_session(
-    root: Path, spec: TinyModelSpec, wanted: set[bytes], hma: bool = True
+    root: Path, spec: TinyModelSpec | Path, wanted: set[bytes], hma: bool = True
 ) -> Family:
-    """vLLM alone answers the reference requests; then cwm captures and freezes the session."""
-    model = build_tiny_model(root / "model", spec)
+    """vLLM alone answers the reference requests; then cwm captures and freezes the session.
+
+    `spec`: a tiny Llama to build, or a model folder built already.
+    """
+    model = spec if isinstance(spec, Path) else build_tiny_model(root / "model", spec)
     plain_args = [] if hma else NO_HMA
     plain = VllmServer(str(model), root / "plain.log", extra_args=plain_args).start()
     try:
@@ -366,5 +369,55 @@ def test_mla_model_restores_after_a_restart(tiny_model: Path, tmp_path: Path) ->
         assert logprobs == pytest.approx(outputs(cold)[1], abs=0.05)
         if vllm_caches:
             assert outputs(restored) == outputs(reference)
+    finally:
+        b.stop()
+
+
+def build_tiny_llama4(out: Path, tokenizer_from: Path) -> Path:
+    """A 2-layer random Llama 4 text model: chunked-local attention (chunks of 128
+    tokens, 4 blocks) in layer 0, full attention in layer 1, 2 experts."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    config = Llama4TextConfig(
+        vocab_size=4096, hidden_size=128, intermediate_size=256, intermediate_size_mlp=256,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+        num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=128,
+        interleave_moe_layer_step=1, no_rope_layers=[1, 0], max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    config.architectures = ["Llama4ForCausalLM"]
+    return save_random_model(Llama4ForCausalLM, config, out, tokenizer_from)
+
+
+def test_chunked_local_attention_model_restores_with_the_hybrid_allocator_on(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Llama 4's chunked-local layers attend within their 128-token chunk: a hit at block
+    # boundary B needs only the blocks of B's chunk before B (none at a chunk boundary).
+    root = tmp_path_factory.mktemp("chunked")
+    model = build_tiny_llama4(root / "model", tiny_model)
+    fam = capture_session(root, model, set(CHAIN[:SESSION_BLOCKS]))
+    assert "is not restored" not in (root / "A.log").read_text()
+    chunk_blocks = 128 // BLOCK
+    assert fam.window["blocks"] == SESSION_BLOCKS + SESSION_BLOCKS % chunk_blocks
+    b = cwm_server(root, model, fam.store, "B", hma=True)
+    b.env = {"VLLM_SERVER_DEV_MODE": "1"}  # for /reset_prefix_cache
+    b.start()
+    try:
+        ControlClient(fam.store / "control.sock").call("thaw", name="win")
+        restored = b.complete(NEXT_TURN, salt=SALT)
+        hits = b.metric(EXTERNAL_HITS)
+        assert hits == cached(fam.reference) == SESSION_BLOCKS * BLOCK == cached(restored)
+        assert outputs(restored) == outputs(fam.reference)  # vLLM's own prefix hit
+        worker = read_stats(fam.store)
+        assert worker["loaded_blocks"] == SESSION_BLOCKS + SESSION_BLOCKS % chunk_blocks
+        assert worker["restore_verified_blocks"] == worker["loaded_blocks"]
+        # A branch at 600 tokens: its chunk's blocks were never stored, but the chunk
+        # boundary before it (block 16) needs none: a hit of 16 blocks, the rest computed.
+        requests.post(b.url + "/reset_prefix_cache", timeout=30).raise_for_status()
+        branch = b.complete(BRANCH, salt=SALT)
+        boundary = BRANCH_AT // BLOCK // chunk_blocks * chunk_blocks
+        assert b.metric(EXTERNAL_HITS) - hits == cached(branch) == boundary * BLOCK
+        assert outputs(branch)[0] == outputs(fam.branch_cold)[0]
     finally:
         b.stop()

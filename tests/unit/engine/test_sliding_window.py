@@ -206,3 +206,36 @@ def test_hybrid_capture_keys_each_group_apart_and_skips_its_null_blocks() -> Non
     assert full.captures[0].block_hashes == hs and full.captures[0].block_ids == list(range(10, 18))
     assert sliding.captures[0].block_hashes == [hs[5], hs[7]]  # hs[6] is stored already
     assert sliding.captures[0].block_ids == [45, 47]
+
+
+def test_chunked_local_needs_only_the_boundary_chunks_blocks() -> None:
+    from cwm_connector.engine.hit_run import Chunk, find_hit
+
+    # Chunks of 4 blocks: a hit at block 10 needs blocks 8, 9; at block 8 none at all.
+    stored = [False] * 8 + [True, True]  # blocks 0..9 from start 0
+    assert find_hit(stored, 0, Chunk(4)) == (8, 10)
+    assert find_hit([False] * 8, 0, Chunk(4)) == (8, 8)  # block 8 is a boundary: a hit of 8
+    assert find_hit([False] * 7, 0, Chunk(4)) == (4, 4)
+    hs = hashes(12)
+    sched = make_groups([set(hs[:10]), {hs[8], hs[9]}], [None, Chunk(4)])
+    sched.get_num_new_matched_tokens("r", hs, 12 * BS, 0)
+    full, chunked = sched.build_plans()
+    assert len(full.stages[0].block_hashes) == 10 and chunked.stages[0].block_hashes == hs[8:10]
+    sched.apply_report(WorkerReport(rank=0, group=0, staged={full.stages[0].job_id: 10}))
+    sched.apply_report(WorkerReport(rank=0, group=1, staged={chunked.stages[0].job_id: 2}))
+    assert sched.get_num_new_matched_tokens("r", hs, 12 * BS, 0) == (10 * BS, False)
+
+
+def test_chunked_local_hit_at_a_chunk_boundary_stages_nothing_for_that_group() -> None:
+    from cwm_connector.engine.hit_run import Chunk
+
+    hs = hashes(10)
+    sched = make_groups([set(hs[:8]), set()], [None, Chunk(4)])
+    sched.get_num_new_matched_tokens("r", hs, 10 * BS, 0)
+    full, chunked = sched.build_plans()
+    assert len(full.stages[0].block_hashes) == 8 and chunked.stages == []
+    sched.apply_report(WorkerReport(rank=0, group=0, staged={full.stages[0].job_id: 8}))
+    assert sched.get_num_new_matched_tokens("r", hs, 10 * BS, 0) == (8 * BS, False)
+    sched.update_state_after_alloc_groups("r", (list(range(20, 30)), [0] * 8 + [38, 39]), 8 * BS)
+    full, chunked = sched.build_plans()
+    assert full.loads[0].block_ids == list(range(20, 28)) and chunked.loads == []
