@@ -33,16 +33,6 @@ def needed(rule: Rule, start: int, end: int) -> int:
     return min(rule, end - start)
 
 
-def find_hit(is_stored: Sequence[bool], start: int, window_blocks: Rule) -> tuple[int, int]:
-    """(first, end): blocks [first, end) to load for the longest hit beyond `start`.
-
-    `is_stored[i]` says whether block `start + i` is in the store. end == start
-    means no hit.
-    """
-    end = common_end([is_stored], start, [window_blocks])
-    return span(start, end, window_blocks), end
-
-
 def span(start: int, end: int, rule: Rule) -> int:
     """The first block a group must provide for a hit [start, end)."""
     return end - needed(rule, start, end)
@@ -86,11 +76,6 @@ def served_end(start: int, end: int, firsts: Sequence[int], num_ready: Sequence[
     if cap < end and any(first > start for first in firsts):
         return start
     return max(start, cap)
-
-
-def ready_end(start: int, first: int, end: int, num_ready: int) -> int:
-    """The boundary that `num_ready` leading verified blocks of [first, end) still serve."""
-    return served_end(start, end, [first], [num_ready])
 
 
 def tail_run(block_ids: Sequence[int], num_full: int, null_block_id: int) -> int:

@@ -101,14 +101,13 @@ class CwmScheduler:
         capture: str = "salted",
         restore: bool = True,
         stage_timeout_s: float = 10.0,
-        window_blocks: Rule = None,
-        windows: Sequence[Rule] | None = None,
+        windows: Sequence[Rule] = (None,),
         clock: Callable[[], float] = time.monotonic,
     ):
         self.block_size = block_size
         # One rule per KV-cache group (hit_run.py): None for full attention (a hit needs
         # every block before it), a sliding window's blocks, or a Chunk (issue 13).
-        self.windows = list(windows) if windows is not None else [window_blocks]
+        self.windows = list(windows)
         self.tp_size = tp_size
         self.capture = capture
         self.restore = restore

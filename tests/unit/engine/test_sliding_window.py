@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from test_scheduler import BS, hashes, make, stage
 
-from cwm_connector.engine.hit_run import find_hit, ready_end, tail_run
+from cwm_connector.engine.hit_run import Rule, common_end, served_end, span, tail_run
 from cwm_connector.engine.kv_groups import (
     NULL_BLOCK_ID,
     blocks_for_window,
@@ -21,6 +21,12 @@ from cwm_connector.engine.kv_groups import (
     restore_plan,
 )
 from cwm_connector.engine.plans import WorkerReport
+
+
+def find_hit(is_stored: list[bool], start: int, rule: Rule) -> tuple[int, int]:
+    """(first, end) of one group's longest hit beyond `start`."""
+    end = common_end([is_stored], start, [rule])
+    return span(start, end, rule), end
 
 
 @pytest.mark.parametrize(
@@ -44,11 +50,11 @@ def test_find_hit(
     assert find_hit(stored, start, window) == expected
 
 
-def test_ready_end_never_serves_a_window_missing_its_first_blocks() -> None:
-    assert ready_end(0, 5, 7, 2) == 7
-    assert ready_end(0, 5, 7, 1) == 0  # block 6's window needs block 5 and 6
-    assert ready_end(3, 3, 7, 2) == 5  # from the engine's boundary: any leading run
-    assert ready_end(3, 3, 7, 0) == 3
+def test_served_end_never_serves_a_window_missing_its_first_blocks() -> None:
+    assert served_end(0, 7, [5], [2]) == 7
+    assert served_end(0, 7, [5], [1]) == 0  # block 6's window needs block 5 and 6
+    assert served_end(3, 7, [3], [2]) == 5  # from the engine's boundary: any leading run
+    assert served_end(3, 7, [3], [0]) == 3
 
 
 def test_tail_run_and_window_blocks() -> None:
@@ -74,7 +80,7 @@ def test_capture_skips_null_blocks() -> None:
 
 def test_sliding_hit_stages_only_the_window_and_loads_into_real_blocks() -> None:
     hs = hashes(34)
-    sched, _ = make(set(hs[29:31]), window_blocks=2)
+    sched, _ = make(set(hs[29:31]), windows=[2])
     first, plan = stage(sched, "r", hs, 1100)
     assert first == (None, False)
     (job,) = plan.stages
@@ -90,7 +96,7 @@ def test_sliding_hit_stages_only_the_window_and_loads_into_real_blocks() -> None
 
 def test_sliding_hit_with_only_part_of_its_window_staged_is_a_miss() -> None:
     hs = hashes(34)
-    sched, _ = make(set(hs[29:31]), window_blocks=2)
+    sched, _ = make(set(hs[29:31]), windows=[2])
     _, plan = stage(sched, "r", hs, 1100)
     sched.apply_report(WorkerReport(rank=0, staged={plan.stages[0].job_id: 1}))
     assert sched.get_num_new_matched_tokens("r", hs, 1100, 0) == (0, False)
@@ -99,7 +105,7 @@ def test_sliding_hit_with_only_part_of_its_window_staged_is_a_miss() -> None:
 
 def test_a_null_destination_is_never_written_and_becomes_a_recompute() -> None:
     hs = hashes(34)
-    sched, _ = make(set(hs[29:31]), window_blocks=2)
+    sched, _ = make(set(hs[29:31]), windows=[2])
     _, plan = stage(sched, "r", hs, 1100)
     sched.apply_report(WorkerReport(rank=0, staged={plan.stages[0].job_id: 2}))
     sched.get_num_new_matched_tokens("r", hs, 1100, 0)
@@ -209,7 +215,7 @@ def test_hybrid_capture_keys_each_group_apart_and_skips_its_null_blocks() -> Non
 
 
 def test_chunked_local_needs_only_the_boundary_chunks_blocks() -> None:
-    from cwm_connector.engine.hit_run import Chunk, find_hit
+    from cwm_connector.engine.hit_run import Chunk
 
     # Chunks of 4 blocks: a hit at block 10 needs blocks 8, 9; at block 8 none at all.
     stored = [False] * 8 + [True, True]  # blocks 0..9 from start 0
