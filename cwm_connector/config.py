@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,9 +16,6 @@ from cwm_connector.errors import ConfigError
 CAPTURE_MODES = ("salted", "all", "off")
 LAYERWISE_MODES = ("auto", "on", "off")
 COMPRESSIONS = ("zstd", "none")
-# Keys of the outside contract (../shared/DESIGN.md) that this version accepts but does not
-# enforce yet (the bounded store, issue 15): named in a warning, never silently dropped.
-RESERVED_KEYS = ("disk_bytes", "disk_min_free", "redis_ttl_s")
 # CWM_* variables that belong to other parts (native build, the MCP server), not to the config.
 OTHER_ENV = ("CWM_BUILD_EXT", "CWM_VLLM_URL", "CWM_VLLM_API_KEY")
 
@@ -38,6 +36,10 @@ class CwmConfig:
     thaw_pin_s: float = 600.0  # a thawed window's staged blocks are held this long
     auto_freeze: str = ""  # JSON object of AutoFreezePolicy fields (a map in extra config)
     layerwise_load: str = "auto"  # restore layer by layer (wait_for_layer_load): auto | on | off
+    disk_bytes: int = 0  # cap on the disk tier's blob bytes; 0 = none (issue 15)
+    disk_min_free: float = 0.1  # free space always left on the store's filesystem: < 1 a
+    # fraction of the filesystem, >= 1 bytes
+    redis_ttl_s: float = 604_800.0  # Redis blocks no window pins expire after this (a week)
 
     def __post_init__(self) -> None:
         if self.capture not in CAPTURE_MODES:
@@ -56,6 +58,18 @@ class CwmConfig:
             raise ConfigError("stage_timeout_s must be positive")
         if self.thaw_pin_s < 0:
             raise ConfigError("thaw_pin_s must not be negative")
+        if self.disk_bytes < 0:
+            raise ConfigError("disk_bytes must not be negative (0: no cap)")
+        if self.disk_min_free < 0:
+            raise ConfigError("disk_min_free must not be negative (bytes, or a fraction < 1)")
+        if self.redis_ttl_s <= 0:
+            raise ConfigError("redis_ttl_s must be positive")
+
+    def min_free_bytes(self, filesystem_bytes: int) -> int:
+        """The free space the store leaves on a filesystem of this size."""
+        if self.disk_min_free < 1:
+            return int(self.disk_min_free * filesystem_bytes)
+        return int(self.disk_min_free)
 
     @property
     def auto_freeze_policy(self) -> dict[str, Any]:
@@ -102,20 +116,18 @@ class CwmConfig:
 def config_warnings(
     extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
 ) -> list[str]:
-    """One sentence per unknown extra-config key or `CWM_*` variable (with the closest
-    known key), and per reserved key that is not enforced yet (issue 14: typos caught)."""
+    """One sentence per unknown extra-config key or `CWM_*` variable, with the closest
+    known key (issue 14: typos caught)."""
     env = os.environ if env is None else env
     known = [f.name for f in fields(CwmConfig)]
     out = []
     for key in sorted(extra or {}):
-        if key in RESERVED_KEYS:
-            out.append(f"kv_connector_extra_config key {key!r} is not enforced by this version")
-        elif key not in known:
-            suggestion = _closest(key, [*known, *RESERVED_KEYS])
+        if key not in known:
+            suggestion = _closest(key, known)
             out.append(f"unknown kv_connector_extra_config key {key!r}{suggestion}")
-    env_known = {f"CWM_{k.upper()}" for k in (*known, *RESERVED_KEYS)} | set(OTHER_ENV)
+    env_known = {f"CWM_{k.upper()}" for k in known} | set(OTHER_ENV)
     for var in sorted(v for v in env if v.startswith("CWM_") and v not in env_known):
-        names = [f"CWM_{k.upper()}" for k in (*known, *RESERVED_KEYS)]
+        names = [f"CWM_{k.upper()}" for k in known]
         out.append(f"unknown environment variable {var}{_closest(var, names)}")
     return out
 
@@ -149,9 +161,28 @@ def _coerce(name: str, raw: Any, type_name: Any) -> Any:
                 return False
             raise ValueError(raw)
         if kind == "int":
-            return int(raw)
+            return int(parse_bytes(raw))
         if kind == "float":
-            return float(raw)
+            return float(parse_bytes(raw)) if name == "disk_min_free" else float(raw)
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: cannot read {raw!r} as {kind}") from exc
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(raw: Any) -> int | float:
+    """An int, or a size such as `64MB`, `2G`, `512KiB` (powers of 1,024); a bare fraction
+    (`0.1`) stays a float. Raises ValueError."""
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    if isinstance(raw, int | float):
+        return raw if isinstance(raw, float) and raw < 1 else int(raw)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", str(raw).upper())
+    if match is None:
+        raise ValueError(raw)
+    number, unit = float(match.group(1)), match.group(2)
+    if not unit and number < 1 and "." in match.group(1):
+        return number
+    return int(number * _UNITS[unit])

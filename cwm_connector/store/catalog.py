@@ -113,9 +113,9 @@ class Catalog:
         now = time.time()
         with self._transaction():
             self._db.executemany(
-                "INSERT OR IGNORE INTO blobs (digest, raw_bytes, stored_bytes, codec, created) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(*blob, now) for blob in blobs],
+                "INSERT OR IGNORE INTO blobs (digest, raw_bytes, stored_bytes, codec, created, "
+                "last_used) VALUES (?, ?, ?, ?, ?, ?)",
+                [(*blob, now, now) for blob in blobs],
             )
             self._db.executemany(
                 "INSERT OR REPLACE INTO blocks (fp_id, block_hash, digest, created) "
@@ -186,9 +186,9 @@ class Catalog:
                 self._db.execute("DELETE FROM window_blocks WHERE name = ?", (row["name"],))
                 self._db.execute("DELETE FROM windows WHERE name = ?", (row["name"],))
             self._db.executemany(
-                "INSERT OR IGNORE INTO blobs (digest, raw_bytes, stored_bytes, codec, created) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(*b, now) for b in blob_rows],
+                "INSERT OR IGNORE INTO blobs (digest, raw_bytes, stored_bytes, codec, created, "
+                "last_used) VALUES (?, ?, ?, ?, ?, ?)",
+                [(*b, now, now) for b in blob_rows],
             )
             self._db.executemany(
                 "INSERT OR IGNORE INTO blocks (fp_id, block_hash, digest, created) "

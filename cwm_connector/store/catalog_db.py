@@ -86,6 +86,16 @@ WINDOW_COLUMNS_ADDED = {
     "num_groups": "INTEGER NOT NULL DEFAULT 1",
 }
 GROUP_STRIDE = 1 << 32
+# blob columns added after schema version 1
+BLOB_COLUMNS_ADDED = {
+    # when the blob was last captured, staged or loaded: the disk tier's LRU order (issue 15)
+    "last_used": "REAL NOT NULL DEFAULT 0",
+}
+# Indices on added columns: created after the migration (the columns must exist first).
+INDEXES = """
+CREATE INDEX IF NOT EXISTS blobs_last_used ON blobs (last_used);
+"""
+INDEX_NAMES = ("blobs_last_used",)
 
 
 def catalog_path(store_dir: Path) -> Path:
@@ -185,6 +195,7 @@ def _prepare(conn: sqlite3.Connection) -> None:
         return  # nothing to write: a lock held by another process still allows reads
     conn.executescript(SCHEMA)
     _migrate(conn)
+    conn.executescript(INDEXES)
     conn.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
         (SCHEMA_VERSION,),
@@ -193,10 +204,13 @@ def _prepare(conn: sqlite3.Connection) -> None:
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Add the columns later versions introduced to a catalog made by an earlier one."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(windows)")}
-    for column, ddl in WINDOW_COLUMNS_ADDED.items():
-        if column not in columns:
-            conn.execute(f"ALTER TABLE windows ADD COLUMN {column} {ddl}")
+    for table, added in (("windows", WINDOW_COLUMNS_ADDED), ("blobs", BLOB_COLUMNS_ADDED)):
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column, ddl in added.items():
+            if column not in columns:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+    if "last_used" not in columns:  # blobs of an older catalog: LRU from their creation
+        conn.execute("UPDATE blobs SET last_used = created")
 
 
 def is_current(conn: sqlite3.Connection) -> bool:
@@ -204,8 +218,12 @@ def is_current(conn: sqlite3.Connection) -> bool:
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if not {"meta", "fingerprints", "blobs", "blocks", "windows", "window_blocks"} <= tables:
         return False
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(windows)")}
-    if not set(WINDOW_COLUMNS_ADDED) <= columns:
+    for table, added in (("windows", WINDOW_COLUMNS_ADDED), ("blobs", BLOB_COLUMNS_ADDED)):
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not set(added) <= columns:
+            return False
+    indices = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    if not set(INDEX_NAMES) <= indices:
         return False
     version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     return version is not None
