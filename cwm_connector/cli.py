@@ -3,7 +3,9 @@
 Exit codes: 0 success, 1 the operation failed (error printed), 2 bad usage,
 3 no connector answers on the socket, or (thaw --warm/--continue) vLLM's HTTP
 server does not (retry once vLLM is up). `cwm health` exits 1 when a component
-is unhealthy.
+is unhealthy, `cwm store verify` when it found damage.
+With no connector, `list`, `status` and `export` read the store directory itself
+(--store-dir) and say so on stderr; `cwm store du|gc|verify` always work on it.
 With --json, stdout holds exactly one JSON document: the result, or
 {"error": {"code", "message", "retryable"}}.
 """
@@ -18,11 +20,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cwm_connector.control.client import ControlClient, Unavailable, default_socket_path
+from cwm_connector.cli_store import add_store_commands
+from cwm_connector.control.client import (
+    ControlClient,
+    Unavailable,
+    default_socket_path,
+    default_store_dir,
+)
 from cwm_connector.errors import CwmError
+from cwm_connector.windows.offline import StoreFallbackClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
-PROGRESS_UNITS = {"freeze": "durable blocks", "export": "blocks", "import": "steps"}
+PROGRESS_UNITS = {"freeze": "durable blocks", "export": "blocks", "import": "steps",
+                  "verify": "blobs"}  # fmt: skip
 WINDOW_COLUMNS = ("name", "session", "tokens", "blocks", "bytes", "stored_bytes", "created", "tags")
 SESSION_COLUMNS = ("session", "tokens", "updated", "windows")
 
@@ -45,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     def vllm_url(p: argparse.ArgumentParser) -> None:
         p.add_argument("--vllm-url", default=None, help="vLLM server (default: $CWM_VLLM_URL)")
 
+    def store_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--store-dir", type=Path, default=None,
+                       help="the store read when no connector answers "
+                            "(default: $CWM_STORE_DIR or ~/.cache/cwm)")  # fmt: skip
+        return p
+
     p = add("freeze", "name a session's current state (waits until it is durable)")
     p.add_argument("salt", help="the session's cache_salt, or its digest from `cwm sessions`")
     p.add_argument("name")
@@ -58,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append TEXT and print vLLM's greedy reply")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (--continue)")
     vllm_url(p)
-    p = add("list", "list windows")
+    p = store_dir(add("list", "list windows"))
     p.add_argument("--tag", dest="tags", action="append", default=None, help="all must match")
     p.add_argument("--model", default=None)
     p.add_argument("--session", default=None, help="a salt or its digest")
@@ -67,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--desc", action="store_true", help="descending order")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--offset", type=int, default=0)
-    p = add("status", "show one window and check its blobs, or one session")
+    p = store_dir(add("status", "show one window and check its blobs, or one session"))
     p.add_argument("name", nargs="?", default=None)
     p.add_argument("--session", default=None, help="a salt or its digest (instead of NAME)")
     p.add_argument("--cache-stats", action="store_true", help="add the connector's counters")
@@ -78,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--salt", default=None)
     labels(p)
     add("delete", "delete a window and free blobs no other window uses").add_argument("name")
-    p = add("export", "write a window to one portable file")
+    p = store_dir(add("export", "write a window to one portable file"))
     p.add_argument("name")
     p.add_argument("file", type=Path)
     p = add("import", "load a window from an export file")
@@ -106,12 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session", help="a salt or its digest")
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--trigger", action="store_true")
-    p = add("mcp", "run the MCP server (stdio, or --http PORT)")
+    p = store_dir(add("mcp", "run the MCP server (stdio, or --http PORT)"))
     p.add_argument("--http", type=int, default=None, metavar="PORT")
     p.add_argument("--host", default="127.0.0.1")
     vllm_url(p)
     p = add("demo", "the first-run demo (tiny model, restart, lossless restore)")
     p.add_argument("--model", default="")
+    add_store_commands(sub, common, store_dir)
     return parser
 
 
@@ -170,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             mcp_args += ["--vllm-url", args.vllm_url]
         if args.http is not None:
             mcp_args += ["--http", str(args.http), "--host", args.host]
+        if args.store_dir is not None:
+            mcp_args += ["--store-dir", str(args.store_dir)]
         return int(mcp_main(mcp_args) or 0)
     if args.command == "demo":
         from cwm_connector.demo.run import main as demo_main
@@ -179,7 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("status: give a window NAME or --session, not both")
     if args.command == "thaw" and args.max_tokens < 1:
         parser.error("thaw: --max-tokens must be at least 1")
-    client = ControlClient(args.socket)
+    if args.command == "store":
+        return run_store_command(args)
+    client = StoreFallbackClient(
+        ControlClient(args.socket),
+        getattr(args, "store_dir", None) or default_store_dir(),
+        on_offline=lambda message: print(f"cwm: {message}", file=sys.stderr),
+    )
     if args.command == "health":
         return run_health(client, args)
     op, op_args = request_for(args)
@@ -215,7 +240,27 @@ def continue_thawed(args: argparse.Namespace, thawed: dict[str, Any]) -> dict[st
         raise CwmError(message + exc.message, code=exc.code, retryable=exc.retryable) from exc
 
 
-def run_health(client: ControlClient, args: argparse.Namespace) -> int:
+def run_store_command(args: argparse.Namespace) -> int:
+    """`cwm store du|gc|verify`: 0 when done, 1 when verify found damage or a tier failed."""
+    from cwm_connector.cli_store import print_store, run_store
+
+    try:
+        with ProgressBar("verify", enabled=args.store_command == "verify") as bar:
+            result, failure = run_store(args, bar.update)
+    except CwmError as exc:
+        return report_error(exc, args.json)
+    if failure is not None:
+        result = {**result, "error": failure.to_dict()}
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print_store(args.store_command, result)
+        if failure is not None:
+            print(f"cwm: error {failure.code}: {failure.message}", file=sys.stderr)
+    return EXIT_OK if failure is None else EXIT_FAILED
+
+
+def run_health(client: StoreFallbackClient, args: argparse.Namespace) -> int:
     """`cwm health`: 0 when every component is ok, 1 when one is not, 3 without a connector."""
     from cwm_mcp.health import health_report
     from cwm_mcp.vllm_api import VllmApi

@@ -56,6 +56,7 @@ from cwm_connector.engine.vllm_compat import (
 from cwm_connector.engine.worker import CwmWorker
 from cwm_connector.errors import CwmError
 from cwm_connector.stats import Stats, read_stats
+from cwm_connector.store.budget import DiskBudget
 from cwm_connector.store.catalog import Catalog, catalog_path
 from cwm_connector.store.disk import DiskTier
 from cwm_connector.store.memory import MemoryTier
@@ -214,6 +215,7 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
         )
         self._auto_runner = ThreadPoolExecutor(1, thread_name_prefix="cwm-auto-freeze")
         self._auto_freezes = 0
+        self._auto_freeze_store_full = 0
         self._control = self._start_control(vllm_config)
         logger.info(
             "cwm: connector ready (store %s, capture=%s, engine fingerprint %s)",
@@ -258,6 +260,9 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
             ),
             store=store,
             shared=shared,
+            budget=DiskBudget(
+                DiskTier(self.cfg.store_path), self.cfg.disk_bytes, self.cfg.disk_min_free
+            ),
             auto=self._auto,
             latency=self._deltas.observe,
             failed_captures=self._scheduler.failed_captures if self._scheduler else None,
@@ -510,6 +515,8 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
                 self._auto_freezes += 1
                 logger.info("cwm: auto-froze a session at %d tokens as %r", num_tokens, name)
             except CwmError as exc:
+                if exc.code == "store_full":  # windows fill the budget: counted, in /metrics
+                    self._auto_freeze_store_full += 1
                 logger.warning("cwm: auto-freeze of %r failed: %s", name, exc)
 
         self._auto_runner.submit(run)
@@ -520,7 +527,11 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
         if self._worker is not None:
             return self._deltas.take(self._worker.stats.snapshot())
         if self._scheduler is not None:
-            totals = {**asdict(self._scheduler.counters), "auto_freezes": self._auto_freezes}
+            totals = {
+                **asdict(self._scheduler.counters),
+                "auto_freezes": self._auto_freezes,
+                "auto_freeze_store_full": self._auto_freeze_store_full,
+            }
             return self._deltas.take(totals)
         return None
 

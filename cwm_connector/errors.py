@@ -46,3 +46,11 @@ class StoreError(CwmError):
 
     code = "store_error"
     retryable = True
+
+
+class StoreFullError(StoreError):
+    """Windows alone would pass the disk budget: the op wrote nothing (delete windows or
+    raise `disk_bytes`)."""
+
+    code = "store_full"
+    retryable = False

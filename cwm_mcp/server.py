@@ -6,20 +6,27 @@ the connector inside vLLM, whose `CwmError` codes reach the model unchanged.
 Tool bodies live in `cwm_mcp.tools`, result models in `cwm_mcp.models`, resources
 in `cwm_mcp.resources`, and the vLLM HTTP calls (warm, continue, health) in
 `cwm_mcp.vllm_api`.
+
+When no connector answers, the read-only window tools (window_list, window_status)
+answer from the store directory itself (`--store-dir`; windows/offline.py), in the
+same shape, and log that they did; every other tool keeps the `unavailable` error.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mcp.server.mcpserver import MCPServer
 from mcp.types import ToolAnnotations
 
 from cwm_connector import __version__
-from cwm_connector.control.client import ControlClient, default_socket_path
+from cwm_connector.control.client import ControlClient, default_socket_path, default_store_dir
+from cwm_connector.windows.offline import StoreFallbackClient
 from cwm_mcp.resources import add_resources
 from cwm_mcp.tools import WindowTools
 from cwm_mcp.vllm_api import VllmApi, default_vllm_url
@@ -63,11 +70,22 @@ TOOLS: dict[str, ToolAnnotations] = {
 }
 
 
-def build_server(client: ControlClient | None = None, vllm: VllmApi | None = None) -> MCPServer:
-    """The "cwm" MCP server: its tools and resources bound to `client` and `vllm`."""
-    tools = WindowTools(
-        client if client is not None else ControlClient(), vllm if vllm is not None else VllmApi()
-    )
+logger = logging.getLogger("cwm_mcp")
+
+
+def build_server(
+    client: ControlClient | None = None,
+    vllm: VllmApi | None = None,
+    store_dir: Path | None = None,
+) -> MCPServer:
+    """The "cwm" MCP server: its tools and resources bound to `client` and `vllm`.
+
+    With `store_dir`, read-only tools answer from that store when no connector does.
+    """
+    control: ControlClient | StoreFallbackClient = client or ControlClient()
+    if store_dir is not None:
+        control = StoreFallbackClient(control, store_dir, on_offline=_say_offline)
+    tools = WindowTools(control, vllm if vllm is not None else VllmApi())
     server = MCPServer("cwm", instructions=INSTRUCTIONS, version=__version__, log_level="WARNING")
     for name, hints in TOOLS.items():
         fn = getattr(tools, name)
@@ -80,6 +98,10 @@ def build_server(client: ControlClient | None = None, vllm: VllmApi | None = Non
         )
     add_resources(server, tools)
     return server
+
+
+def _say_offline(message: str) -> None:
+    logger.warning("cwm mcp: %s", message)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -101,6 +123,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--http", type=int, metavar="PORT", help="serve streamable HTTP on PORT instead of stdio"
     )
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: loopback)")
+    parser.add_argument(
+        "--store-dir",
+        type=Path,
+        default=None,
+        help="store read-only tools read when no connector answers "
+        "(default: $CWM_STORE_DIR or ~/.cache/cwm)",
+    )
     return parser.parse_args(argv)
 
 
@@ -108,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the MCP server until its transport closes."""
     args = parse_args(argv)
     socket_path = args.socket or default_socket_path()
-    server = build_server(ControlClient(socket_path), VllmApi(args.vllm_url))
+    store_dir = args.store_dir or default_store_dir()
+    server = build_server(ControlClient(socket_path), VllmApi(args.vllm_url), store_dir)
     if args.http is None:
         server.run("stdio")
         return 0

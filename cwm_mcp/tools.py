@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cwm_connector.control.client import ControlClient
 from cwm_connector.errors import CwmError
+from cwm_connector.windows.offline import StoreFallbackClient
 from cwm_mcp.health import health_report
 from cwm_mcp.models import (
     AutoFreezeCheck,
@@ -65,7 +66,7 @@ def tool_error(exc: CwmError) -> ToolError:
 class WindowTools:
     """The tool bodies, kept apart from registration so they read as plain functions."""
 
-    def __init__(self, client: ControlClient, vllm: VllmApi):
+    def __init__(self, client: ControlClient | StoreFallbackClient, vllm: VllmApi):
         self.client = client
         self.vllm = vllm
 

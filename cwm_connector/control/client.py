@@ -22,13 +22,18 @@ class Unavailable(CwmError):
     retryable = True
 
 
+def default_store_dir(env: dict[str, str] | None = None) -> Path:
+    """$CWM_STORE_DIR, else ~/.cache/cwm (the connector's own default)."""
+    env = dict(os.environ) if env is None else env
+    return Path(os.path.expanduser(env.get("CWM_STORE_DIR") or "~/.cache/cwm"))
+
+
 def default_socket_path(env: dict[str, str] | None = None) -> Path:
     """$CWM_CONTROL_SOCKET, else <$CWM_STORE_DIR or ~/.cache/cwm>/control.sock."""
     env = dict(os.environ) if env is None else env
     if env.get("CWM_CONTROL_SOCKET"):
         return Path(os.path.expanduser(env["CWM_CONTROL_SOCKET"]))
-    store = env.get("CWM_STORE_DIR") or "~/.cache/cwm"
-    return Path(os.path.expanduser(store)) / "control.sock"
+    return default_store_dir(env) / "control.sock"
 
 
 class ControlClient:

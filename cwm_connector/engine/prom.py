@@ -39,6 +39,10 @@ COUNTERS = {
     "store_errors": "captures that failed to write",
     "redis_copy_errors": "write-behind copies to Redis that failed",
     "auto_freezes": "windows frozen by the auto-freeze policy",
+    "auto_freeze_store_full": "auto-freezes refused: windows fill the disk budget",
+    "evicted_blobs": "unpinned blobs evicted from the disk tier (LRU, issue 15)",
+    "evicted_bytes": "bytes evicted from the disk tier",
+    "store_full_blocks": "blocks not captured: windows alone fill the disk budget",
 }
 LATENCIES = ("freeze_seconds", "thaw_seconds")
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

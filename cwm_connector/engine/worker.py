@@ -40,7 +40,9 @@ from cwm_connector.engine.plans import CaptureJob, LoadJob, StageJob, StepPlan, 
 from cwm_connector.engine.staging import StagingBuffer
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.stats import Stats
+from cwm_connector.store import blob
 from cwm_connector.store.blob import digest_segments
+from cwm_connector.store.budget import DiskBudget, blob_space
 from cwm_connector.store.catalog import Catalog, catalog_path
 from cwm_connector.store.check import check_store
 from cwm_connector.store.disk import DiskTier
@@ -55,6 +57,7 @@ logger = logging.getLogger("vllm.cwm.worker")
 NUM_READERS = 2  # parallel blob reads while staging
 CATALOG_RETRY_S = 10.0  # an unavailable catalog is reopened at most this often (capture)
 PREWARM_BYTES = 256 << 20  # staging memory prefaulted at start (fresh pages cost more than a copy)
+UPKEEP_S = 2.0  # the capture thread records blob use and checks the disk budget this often
 
 
 @dataclass(slots=True)
@@ -101,6 +104,11 @@ class CwmWorker:
         self.catalog_path = catalog_path(root)
         self.stats = stats or Stats(root / "stats" / f"worker-rank{rank}.json")
         self.store = TieredStore(self.memory, self.disk, _redis_tier(cfg.redis_url), self.stats)
+        self.budget = DiskBudget(self.disk, cfg.disk_bytes, cfg.disk_min_free, self.stats)
+        self._used: set[bytes] = set()  # blobs staged or captured again since the last upkeep
+        self._reading: dict[bytes, int] = {}  # blobs a staging job reads now: never evicted
+        self._evict_lock = threading.Lock()  # a lookup+pin for staging, or an eviction round
+        self._full_logged = False  # the store-full line is logged once per episode
         self.pool = layout.new_pool(max_idle_bytes=min(cfg.memory_bytes, PREWARM_BYTES))
         self._lock = threading.Lock()
         self._staged: dict[int, _Staged] = {}
@@ -275,7 +283,18 @@ class CwmWorker:
         _leave_forward_cores()
         catalog = Catalog(self.catalog_path)
         self._catalog_tried = time.monotonic()
-        while (capture := self._capture_q.get()) is not None:
+        next_upkeep = time.monotonic() + UPKEEP_S
+        while True:
+            try:
+                capture = self._capture_q.get(timeout=max(0.0, next_upkeep - time.monotonic()))
+            except queue.Empty:
+                capture = None
+                if catalog.writable:
+                    self._upkeep(catalog)
+                next_upkeep = time.monotonic() + UPKEEP_S
+                continue
+            if capture is None:
+                break
             job = capture.job
             buffer = capture.buffer or self.pool.take(len(job.block_ids))
             try:
@@ -306,15 +325,44 @@ class CwmWorker:
             self._flush_stats()
         catalog.close()
 
+    def _upkeep(self, catalog: Catalog, incoming: int = 0) -> bool:
+        """Record recent blob use (one write), then keep the disk within its budget with room
+        for `incoming` more bytes; whether they fit."""
+        with self._lock:
+            used, self._used = self._used, set()
+        try:
+            if used:
+                catalog.touch(list(used), time.time())
+            fits, room = self.budget.make_room(
+                catalog, incoming, self._reading.keys(), self._evict_lock
+            )
+        except CwmError as exc:  # a locked catalog: the next upkeep tries again
+            logger.warning("cwm: store upkeep skipped: %s", exc)
+            return incoming == 0
+        if not fits and incoming and not self._full_logged:
+            self._full_logged = True
+            logger.error("cwm: capture skipped: %s", self.budget.full_error(room, "a capture"))
+        elif fits and incoming:
+            self._full_logged = False
+        return fits
+
     def _store_rows(self, catalog: Catalog, hashes: list[bytes], buffer: StagingBuffer) -> None:
         blocks: list[tuple[bytes, bytes]] = []
         blobs: list[tuple[bytes, int, int, str]] = []
         written: set[bytes] = set()
+        digests = [digest_segments(buffer.segments(i)) for i in range(len(hashes))]
+        new = {d for d in digests if not (catalog.has_blob(d) and self.disk.contains(d))}
+        with self._lock:
+            self._used.update(set(digests) - new)  # stored already: used again now
+        incoming = len(new) * blob_space(self.layout.block_bytes, blob.HEADER_SIZE)
+        if not self._upkeep(catalog, incoming):  # windows alone fill the budget
+            self.stats.add("store_full_blocks", len(hashes))
+            self._report_stored([], hashes)
+            return
         try:
-            for index, block_hash in enumerate(hashes):
-                segments = buffer.segments(index)
-                dig = digest_segments(segments)
-                if dig not in written and not (catalog.has_blob(dig) and self.disk.contains(dig)):
+            for index, (block_hash, dig) in enumerate(zip(hashes, digests, strict=True)):
+                if dig in new and dig not in written:
+                    segments = buffer.segments(index)
                     stored = self.disk.put(dig, segments, self.cfg.compression)
                     blobs.append((dig, self.layout.block_bytes, stored, self.cfg.compression))
                     written.add(dig)
@@ -396,8 +444,26 @@ class CwmWorker:
         wanted = job.block_hashes[: max(0, budget // self.layout.block_bytes)]
         if len(wanted) < len(job.block_hashes):
             self.stats.add("stage_budget_cut_blocks", len(job.block_hashes) - len(wanted))
-        found = self.store.digests_for(catalog, self.fp_id, wanted)
-        digests = _leading([found.get(h) for h in wanted])
+        with self._evict_lock:  # found and pinned in one step: eviction cannot come between
+            found = self.store.digests_for(catalog, self.fp_id, wanted)
+            digests = _leading([found.get(h) for h in wanted])
+            for dig in digests:
+                self._reading[dig] = self._reading.get(dig, 0) + 1
+        try:
+            return self._read_staged(catalog, job, wanted, digests)
+        finally:
+            with self._evict_lock:
+                for dig in digests:
+                    left = self._reading.pop(dig) - 1
+                    if left:
+                        self._reading[dig] = left
+            with self._lock:
+                self._used.update(digests)
+
+    def _read_staged(
+        self, catalog: Catalog, job: StageJob, wanted: list[bytes], digests: list[bytes]
+    ) -> tuple[_Staged, list[bytes]]:
+        """Read the digests' blobs into a staging buffer (see `_stage`)."""
         remote = self.store.fetch_remote(digests)  # one pipelined Redis batch, if any
         buffer = self.pool.take(len(digests))
 

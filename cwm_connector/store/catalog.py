@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cwm_connector.errors import StoreError
+from cwm_connector.store import catalog_windows
 from cwm_connector.store.catalog_db import (
     MAX_SQL_VARS,
+    USAGE_SQL,
     CatalogUnavailable,
     Transaction,
     catalog_path,
@@ -117,6 +119,11 @@ class Catalog:
                 "last_used) VALUES (?, ?, ?, ?, ?, ?)",
                 [(*blob, now, now) for blob in blobs],
             )
+            self._db.executemany(  # a Redis-only mirror row now also on this disk
+                "UPDATE blobs SET codec = ?, stored_bytes = ?, last_used = ? "
+                "WHERE digest = ? AND codec = 'redis'",
+                [(codec, stored, now, dig) for dig, _, stored, codec in blobs],
+            )
             self._db.executemany(
                 "INSERT OR REPLACE INTO blocks (fp_id, block_hash, digest, created) "
                 "VALUES (?, ?, ?, ?)",
@@ -197,15 +204,23 @@ class Catalog:
             )
             self._db.execute(
                 "INSERT INTO windows (name, salt, engine_fp, fingerprint, token_ids, num_tokens, "
-                "created, parent, description, tags, first_block, num_groups) VALUES (:name, "
-                ":salt, :engine_fp, :fingerprint, :token_ids, :num_tokens, :created, :parent, "
-                ":description, :tags, :first_block, :num_groups)",
-                {"description": "", "tags": "[]", "first_block": 0, "num_groups": 1, **row},
+                "created, parent, description, tags, first_block, num_groups, session, model) "
+                "VALUES (:name, :salt, :engine_fp, :fingerprint, :token_ids, :num_tokens, "
+                ":created, :parent, :description, :tags, :first_block, :num_groups, :session, "
+                ":model)",
+                {
+                    **{"description": "", "tags": "[]", "first_block": 0, "num_groups": 1},
+                    **row,
+                    "session": catalog_windows.salt_digest(str(row["salt"])),
+                    "model": catalog_windows.model_of(str(row["fingerprint"])),
+                },
             )
             self._db.executemany(
                 "INSERT INTO window_blocks (name, idx, block_hash, digest) VALUES (?, ?, ?, ?)",
                 [(row["name"], i, h, d) for i, (h, d) in zip(order, blocks, strict=True)],
             )
+            # what list and describe read: computed once here, kept by triggers after
+            self._db.execute(catalog_windows.SUMMARY_SQL, {"name": row["name"]})
         return True
 
     def get_window(self, name: str) -> tuple[dict[str, object], list[tuple[bytes, bytes]]] | None:
@@ -235,37 +250,88 @@ class Catalog:
         """Every window name, sorted."""
         return [row[0] for row in self._db.execute("SELECT name FROM windows ORDER BY name")]
 
-    def delete_window(
-        self, name: str, keep: set[bytes] | frozenset[bytes] = frozenset()
-    ) -> list[bytes] | None:
-        """Remove a window; return the digests no other window references (None if absent).
-
-        Digests in `keep` (blocks a live session still holds) stay, rows and all.
-        """
+    def remove_window(
+        self, name: str, keep: Callable[[bytes], bool]
+    ) -> tuple[list[bytes], int] | None:
+        """Remove a window: (digests no other window pins and `keep` spares, their stored
+        bytes), their rows gone (the caller deletes the files), or None if absent."""
         with self._transaction():
-            digests = [
-                row[0]
-                for row in self._db.execute(
-                    "SELECT DISTINCT digest FROM window_blocks WHERE name = ?", (name,)
+            return catalog_windows.remove_rows(self._db, name, keep)
+
+    def live_keeper(self, engine_fp: str, live: set[bytes]) -> Callable[[bytes], bool]:
+        """Whether a blob is named by one of `live` block hashes of this engine (by its rows)."""
+        return lambda digest: catalog_windows.held(self._db, engine_fp, live, digest)
+
+    def list_windows(self, spec: catalog_windows.PageSpec) -> list[dict[str, object]]:
+        """One page of window summaries (catalog_windows.LISTED), in SQL with indices."""
+        return catalog_windows.list_page(self._db, spec)
+
+    def window_summary(self, name: str) -> dict[str, object] | None:
+        """One window's summary (the columns a page lists), or None."""
+        return catalog_windows.summary(self._db, name)
+
+    def count_windows(self) -> int:
+        """How many windows the catalog holds."""
+        return int(self._db.execute("SELECT COUNT(*) FROM windows").fetchone()[0])
+
+    def known_windows(self, names: Sequence[str]) -> set[str]:
+        """Those of `names` the catalog holds."""
+        return catalog_windows.known(self._db, names)
+
+    # -- the disk tier's budget (issue 15) ----------------------------------
+    def usage(self) -> dict[str, int]:
+        """Bytes of blobs on this disk (`disk`) and of those windows pin (`pinned`)."""
+        rows = self._db.execute("SELECT key, bytes FROM usage").fetchall()
+        return {str(k): int(v) for k, v in rows}
+
+    def usage_drift(self) -> dict[str, tuple[int, int]]:
+        """Totals whose running value differs from a full recount: {key: (kept, counted)}.
+
+        Empty when the triggers kept them exact (a consistency check; a full scan).
+        """
+        kept = self.usage()
+        counted = {k: int(self._db.execute(q).fetchone()[0]) for k, q in USAGE_SQL.items()}
+        return {k: (kept.get(k, 0), v) for k, v in counted.items() if kept.get(k, 0) != v}
+
+    def any_blob_raw_bytes(self) -> int:
+        """The raw size of one stored blob (0 if none): a block's size, for estimates."""
+        row = self._db.execute("SELECT raw_bytes FROM blobs LIMIT 1").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def touch(self, digests: Sequence[bytes], when: float) -> None:
+        """Mark blobs used now (captured again, staged or loaded): they evict last."""
+        with self._transaction():
+            for chunk in _chunks(digests):
+                marks = ",".join("?" * len(chunk))
+                self._db.execute(
+                    "UPDATE blobs SET last_used = ? WHERE digest IN (" + marks + ")",
+                    (when, *chunk),
                 )
-            ]
-            cur = self._db.execute("DELETE FROM windows WHERE name = ?", (name,))
-            if cur.rowcount == 0:
-                return None
-            self._db.execute("DELETE FROM window_blocks WHERE name = ?", (name,))
-            orphans = [
-                d
-                for d in digests
-                if d not in keep
-                and self._db.execute(
-                    "SELECT 1 FROM window_blocks WHERE digest = ? LIMIT 1", (d,)
-                ).fetchone()
-                is None
-            ]
-            for dig in orphans:  # unpinned: drop the rows; the caller deletes the files
-                self._db.execute("DELETE FROM blocks WHERE digest = ?", (dig,))
-                self._db.execute("DELETE FROM blobs WHERE digest = ?", (dig,))
-        return orphans
+
+    def eviction_candidates(self, limit: int) -> list[tuple[bytes, int]]:
+        """Up to `limit` (digest, stored bytes) of unpinned blobs on this disk, least
+        recently used first (the partial index `blobs_lru`: never walks windows' blobs)."""
+        rows = self._db.execute(
+            "SELECT digest, stored_bytes FROM blobs INDEXED BY blobs_lru WHERE pinned = 0 "
+            "AND codec != 'redis' ORDER BY last_used LIMIT ?",
+            (limit,),
+        )
+        return [(bytes(d), int(n)) for d, n in rows]
+
+    def evict(self, digests: Sequence[bytes]) -> list[bytes]:
+        """Drop the rows of these blobs if still unpinned; return those dropped (the caller
+        deletes their files after this commit: a crash leaves only orphan files)."""
+        dropped = []
+        with self._transaction():
+            for dig in digests:
+                cur = self._db.execute(
+                    "DELETE FROM blobs WHERE digest = ? AND pinned = 0 AND codec != 'redis'",
+                    (dig,),
+                )
+                if cur.rowcount:
+                    self._db.execute("DELETE FROM blocks WHERE digest = ?", (dig,))
+                    dropped.append(dig)
+        return dropped
 
     def has_blob(self, digest: bytes) -> bool:
         """Whether a blob row exists for this digest."""
@@ -293,6 +359,21 @@ class Catalog:
                 return
             yield [(bytes(d), str(c)) for d, c in rows]
             last = rows[-1][0]
+
+    def blob_rows_from(self, after: int, batch: int) -> list[tuple[int, bytes, str]]:
+        """(rowid, digest, codec) of up to `batch` blob rows after `after`, in write order."""
+        rows = self._db.execute(
+            "SELECT rowid, digest, codec FROM blobs WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (after, batch),
+        )
+        return [(int(r), bytes(d), str(c)) for r, d, c in rows]
+
+    def meta(self, key: str, value: str | None = None) -> str | None:
+        """A meta value; with `value`, write it first (one statement, autocommit)."""
+        if value is not None:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     def block_of(self, digest: bytes) -> bytes | None:
         """One block hash that names this blob (for log lines), or None."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cwm_connector.errors import StoreError
+from cwm_connector.store import catalog_windows
 
 logger = logging.getLogger("vllm.cwm.catalog")
 
@@ -84,18 +85,65 @@ WINDOW_COLUMNS_ADDED = {
     # KV-cache groups of the window's blocks: > 1 for a hybrid-allocator model, whose
     # window_blocks.idx is group * GROUP_STRIDE + block position (issue 13)
     "num_groups": "INTEGER NOT NULL DEFAULT 1",
+    # what list and describe read instead of a window's blocks (catalog_windows, issue 15)
+    **catalog_windows.SUMMARY_COLUMNS,
 }
 GROUP_STRIDE = 1 << 32
-# blob columns added after schema version 1
+# blob columns added after schema version 1 (the bounded store, issue 15)
 BLOB_COLUMNS_ADDED = {
-    # when the blob was last captured, staged or loaded: the disk tier's LRU order (issue 15)
+    # when the blob was last captured, staged or loaded: the disk tier's LRU order
     "last_used": "REAL NOT NULL DEFAULT 0",
+    # 1 while a window names the blob (kept by the window_blocks triggers below)
+    "pinned": "INTEGER NOT NULL DEFAULT 0",
 }
-# Indices on added columns: created after the migration (the columns must exist first).
-INDEXES = """
-CREATE INDEX IF NOT EXISTS blobs_last_used ON blobs (last_used);
+# Running byte totals of the disk tier, kept exact by triggers in the same transactions
+# that change the rows (whatever code path writes them): `disk` = blob rows stored on this
+# disk (codec other than 'redis', a Redis-only mirror), `pinned` = those a window names.
+USAGE_TABLE = "CREATE TABLE IF NOT EXISTS usage (key TEXT PRIMARY KEY, bytes INTEGER NOT NULL)"
+USAGE_SQL = {
+    "disk": "SELECT COALESCE(SUM(stored_bytes), 0) FROM blobs WHERE codec != 'redis'",
+    "pinned": "SELECT COALESCE(SUM(stored_bytes), 0) FROM blobs WHERE codec != 'redis' "
+    "AND digest IN (SELECT digest FROM window_blocks)",
+}
+_ON_DISK = "(CASE WHEN {row}.codec != 'redis' THEN {row}.stored_bytes ELSE 0 END)"
+_NEW, _OLD = _ON_DISK.format(row="NEW"), _ON_DISK.format(row="OLD")
+# Created after the migration (the columns must exist first). The partial index is the
+# eviction order: unpinned blobs by last use, so eviction never walks past windows' blobs.
+INDEXES = f"""
+CREATE INDEX IF NOT EXISTS blobs_lru ON blobs (last_used) WHERE pinned = 0;
+CREATE TRIGGER IF NOT EXISTS blobs_usage_insert AFTER INSERT ON blobs BEGIN
+    UPDATE usage SET bytes = bytes + {_NEW} WHERE key = 'disk';
+    UPDATE blobs SET pinned = 1 WHERE digest = NEW.digest
+        AND EXISTS (SELECT 1 FROM window_blocks WHERE digest = NEW.digest);
+END;
+CREATE TRIGGER IF NOT EXISTS blobs_usage_delete AFTER DELETE ON blobs BEGIN
+    UPDATE usage SET bytes = bytes - {_OLD} WHERE key = 'disk';
+    UPDATE usage SET bytes = bytes - {_OLD} * OLD.pinned WHERE key = 'pinned';
+END;
+CREATE TRIGGER IF NOT EXISTS blobs_usage_update AFTER UPDATE OF pinned, codec, stored_bytes
+ON blobs BEGIN
+    UPDATE usage SET bytes = bytes + {_NEW} - {_OLD} WHERE key = 'disk';
+    UPDATE usage SET bytes = bytes + {_NEW} * NEW.pinned - {_OLD} * OLD.pinned
+        WHERE key = 'pinned';
+END;
+CREATE TRIGGER IF NOT EXISTS window_blocks_pin AFTER INSERT ON window_blocks BEGIN
+    UPDATE blobs SET pinned = 1 WHERE digest = NEW.digest AND pinned = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS window_blocks_unpin AFTER DELETE ON window_blocks
+WHEN NOT EXISTS (SELECT 1 FROM window_blocks WHERE digest = OLD.digest) BEGIN
+    UPDATE blobs SET pinned = 0 WHERE digest = OLD.digest;
+END;
 """
-INDEX_NAMES = ("blobs_last_used",)
+INDEX_NAMES = (
+    "blobs_lru",
+    "blobs_usage_insert",
+    "blobs_usage_delete",
+    "blobs_usage_update",
+    "window_blocks_pin",
+    "window_blocks_unpin",
+    *catalog_windows.INDEX_NAMES,
+)
+INDEXES += catalog_windows.INDEXES  # window listing: sort indices, tags, summary triggers
 
 
 def catalog_path(store_dir: Path) -> Path:
@@ -194,7 +242,13 @@ def _prepare(conn: sqlite3.Connection) -> None:
     if is_current(conn):
         return  # nothing to write: a lock held by another process still allows reads
     conn.executescript(SCHEMA)
-    _migrate(conn)
+    conn.execute("BEGIN IMMEDIATE")  # two processes starting at once migrate one at a time
+    try:
+        _migrate(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
     conn.executescript(INDEXES)
     conn.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -204,6 +258,9 @@ def _prepare(conn: sqlite3.Connection) -> None:
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Add the columns later versions introduced to a catalog made by an earlier one."""
+    summed = {row[1] for row in conn.execute("PRAGMA table_info(windows)")} | {
+        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+    }
     for table, added in (("windows", WINDOW_COLUMNS_ADDED), ("blobs", BLOB_COLUMNS_ADDED)):
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         for column, ddl in added.items():
@@ -211,18 +268,34 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
     if "last_used" not in columns:  # blobs of an older catalog: LRU from their creation
         conn.execute("UPDATE blobs SET last_used = created")
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "usage" not in tables:  # before the triggers exist: they would count twice
+        conn.execute(USAGE_TABLE)
+        conn.execute(
+            "UPDATE blobs SET pinned = EXISTS (SELECT 1 FROM window_blocks "
+            "WHERE window_blocks.digest = blobs.digest)"
+        )
+        for key, query in USAGE_SQL.items():
+            total = conn.execute(query).fetchone()[0]
+            conn.execute("INSERT INTO usage (key, bytes) VALUES (?, ?)", (key, total))
+    if not {"num_blocks", "window_tags"} <= summed:  # windows listed before issue 15
+        catalog_windows.fill_summaries(conn)
 
 
 def is_current(conn: sqlite3.Connection) -> bool:
     """Whether the schema is complete and migrated (then opening needs no write)."""
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if not {"meta", "fingerprints", "blobs", "blocks", "windows", "window_blocks"} <= tables:
+    expected = {"meta", "fingerprints", "blobs", "blocks", "windows", "window_blocks", "usage"}
+    if not expected <= tables:
         return False
     for table, added in (("windows", WINDOW_COLUMNS_ADDED), ("blobs", BLOB_COLUMNS_ADDED)):
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if not set(added) <= columns:
             return False
-    indices = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    indices = {
+        row[0]
+        for row in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')")
+    }
     if not set(INDEX_NAMES) <= indices:
         return False
     version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()

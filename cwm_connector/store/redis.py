@@ -1,16 +1,33 @@
 """The Redis tier: blobs, block maps and window manifests shared by many vLLM servers.
 
-Key layout (`prefix` defaults to "cwm"):
+Key layout (`prefix` defaults to "cwm"; Redis >= 7.0):
 
-    <prefix>:blob:<digest hex>         string: the exact bytes of a blob file (blob.py header
-                                       + payload); readers verify it like a disk blob
-    <prefix>:blk:<fp_id>:<hash hex>    string: the 16-byte blob digest of that block hash
-    <prefix>:{windows}:m:<name>        string: a window's manifest (opaque msgpack bytes)
-    <prefix>:{windows}:index           set: every window name
+    <prefix>:blob:{<digest hex>}             string: the exact bytes of a blob file (blob.py
+                                             header + payload); readers verify it like a disk blob
+    <prefix>:blob:{<digest hex>}:pins        integer: how many windows pin that blob
+    <prefix>:blk:<fp_id>:{<hash hex>}        string: the 16-byte blob digest of that block hash
+    <prefix>:blk:<fp_id>:{<hash hex>}:pins   hash: digest -> how many windows pin the map there
+    <prefix>:{windows}:m:<name>              string: a window's manifest (opaque msgpack bytes)
+    <prefix>:{windows}:index                 set: every window name
 
-Blob and block keys carry no hash tag, so a cluster spreads them over every slot.
-The window keys share the hash tag `{windows}`: a manifest and the index sit in one
-slot, so one Lua script changes both atomically on Redis and Redis Cluster alike.
+Lifetime. A blob or block map that no window pins is cache: it carries a TTL of
+`ttl_s`, restarted whenever it is written or read (`PEXPIRE ... XX` in the same
+pipeline as the read: no extra round trip, and a key without TTL keeps none).
+Pinning a key (a window that names it) removes its TTL; releasing the last pin
+deletes it. Manifests never expire. Every change of a key together with its pin
+counter is one Lua script (`redis_lua.py`) over two keys of one hash tag, so it
+is atomic on Redis and on Redis Cluster alike: blob keys are tagged by their
+digest, block maps by their hash (a cluster spreads both over every slot), the
+window keys share `{windows}`. Under `maxmemory`, `volatile-lru` (or any
+`volatile-*` policy) evicts only cache; a blob evicted anyway is a miss.
+
+Pins are counts, not sets, so ten thousand clones of one window cost a few
+bytes per blob. The window ops (`windows/share.py`) pin before they claim a
+name and release only what a claim or delete handed back (the scripts return
+the replaced or removed manifest to exactly one caller), so a count is never
+too low; a crash between the two steps leaves it one too high (that blob never
+expires). Keys of the first layout (`<prefix>:blob:<hex>`, `<prefix>:blk:<fp>:
+<hex>`, no hash tag) are never read; `gc` removes them.
 
 Errors. Redis down, slow, flapping or answering errors must never stall or crash
 the engine. Reads (`get_*`, `has_blobs`, `window_names`) never raise: a failure is
@@ -18,8 +35,9 @@ a miss, counted in `errors`, logged once per outage. A connection-level failure
 opens a circuit breaker: for `cooldown_s` every call returns at once without
 touching the network; the next call after that tries again (redis-py reconnects
 by itself). An error reply for one key (say WRONGTYPE) is a miss for that key
-only and does not open the breaker. Writes raise `StoreError` (retryable) on any
-failure and while the breaker is open; callers treat it as a future miss.
+only and does not open the breaker. Writes, pins, `usage` and `gc` raise
+`StoreError` (retryable) on any failure and while the breaker is open; callers
+treat it as a future miss.
 """
 
 from __future__ import annotations
@@ -28,27 +46,32 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import AskError, ClusterError, ResponseError, TryAgainError
 from redis.retry import Retry
 
 from cwm_connector.errors import ConfigError, StoreError
 from cwm_connector.stats import Stats
+from cwm_connector.store import redis_lua as lua
+from cwm_connector.store import redis_upkeep
+from cwm_connector.store.redis_pipe import CHUNK_KEYS, Client, Command, Pipes, is_reply_error
+
+__all__ = ["CHUNK_KEYS", "RedisTier", "is_reply_error"]
 
 logger = logging.getLogger(__name__)
 
-CHUNK_KEYS = 256  # commands per pipeline round trip: bounds one reply's size and latency
+BLOB_CHUNK_KEYS = 16  # blobs per pipeline (4 MB of 256 KB blocks): chunks run in parallel
 NUM_RETRIES = 0  # redis-py's own retries; the breaker retries later instead of stalling now
 DATA_ERROR_LOG_INTERVAL_S = 60.0  # per-key error replies are logged at most this often
+DEFAULT_TTL_S = 604_800.0  # a week, as CwmConfig.redis_ttl_s
 COUNTER_NAMES = (
     "hits",  # blobs found by get_blobs
-    "misses",  # blobs asked for and not returned (absent or failed)
+    "misses",  # blobs asked for and not returned (absent, evicted, expired or failed)
     "block_hits",
     "block_misses",
     "errors",  # failed calls and error replies
@@ -57,27 +80,12 @@ COUNTER_NAMES = (
     "bytes_read",  # blob bytes returned by get_blobs
     "bytes_written",  # blob bytes newly stored by put_blobs
     "blobs_written",  # blobs newly stored by put_blobs
+    "blobs_freed",  # blobs deleted when their last pin went
+    "block_maps_freed",  # block maps deleted when their last pin went
 )
 
-# KEYS: manifest, index. ARGV: manifest, name, "1" to replace. Returns 1 if written.
-PUT_WINDOW_LUA = """
-if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-return 1
-"""
-# KEYS: manifest, index. ARGV: name. Returns 1 if the manifest existed.
-DELETE_WINDOW_LUA = """
-local existed = redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-return existed
-"""
-
-# error replies that say the cluster is moving or down: an outage, not bad data
-CLUSTER_STATE_ERRORS = (ClusterError, AskError, TryAgainError)
-
-Client = redis.Redis | RedisCluster
 T = TypeVar("T")
+Rows = Sequence[tuple[bytes, bytes]]
 
 
 class RedisTier:
@@ -88,6 +96,7 @@ class RedisTier:
         url: str,
         *,
         prefix: str = "cwm",
+        ttl_s: float = DEFAULT_TTL_S,
         socket_timeout_s: float = 0.25,
         cooldown_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -97,9 +106,12 @@ class RedisTier:
             raise ConfigError(
                 f"redis_url: unsupported scheme {scheme!r} (redis:// or redis+cluster://)"
             )
+        if ttl_s <= 0:
+            raise ConfigError("redis_ttl_s must be positive")
         self.url = url
         self.is_cluster = scheme.endswith("+cluster")
         self.prefix = prefix
+        self.ttl_s = ttl_s
         self.socket_timeout_s = socket_timeout_s
         self.cooldown_s = cooldown_s
         self._clock = clock
@@ -109,22 +121,27 @@ class RedisTier:
             self._stats.add(name, 0)
         self._lock = threading.Lock()
         self._client: Client | None = None
-        self._scripts: dict[str, Any] = {}
+        self._pipes = Pipes()
         self._open_until = 0.0  # the breaker is open while clock() < this
         self._in_outage = False
         self._stale_topology = False  # a cluster's slot table is re-read after an outage
         self._last_data_error_log = -DATA_ERROR_LOG_INTERVAL_S
         self._window_index = f"{prefix}:{{windows}}:index"
 
+    @property
+    def ttl_ms(self) -> int:
+        """The cache TTL in milliseconds (at least 1)."""
+        return max(1, int(self.ttl_s * 1000))
+
     # --- keys -----------------------------------------------------------------------------
 
     def blob_key(self, digest: bytes) -> str:
-        """The key of a blob."""
-        return f"{self.prefix}:blob:{digest.hex()}"
+        """The key of a blob (its digest is its hash tag)."""
+        return f"{self.prefix}:blob:{{{digest.hex()}}}"
 
     def block_key(self, fp_id: str, block_hash: bytes) -> str:
-        """The key of one block-map row."""
-        return f"{self.prefix}:blk:{fp_id}:{block_hash.hex()}"
+        """The key of one block-map row (its block hash is its hash tag)."""
+        return f"{self.prefix}:blk:{fp_id}:{{{block_hash.hex()}}}"
 
     def window_key(self, name: str) -> str:
         """The key of a window's manifest (same slot as the index)."""
@@ -133,53 +150,115 @@ class RedisTier:
     # --- blobs ----------------------------------------------------------------------------
 
     def get_blobs(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
-        """The blobs found, by digest (absent or failed ones omitted); never raises."""
-        replies = self._read("get_blobs", [("GET", self.blob_key(d)) for d in digests])
-        found = {d: v for d, v in zip(digests, replies, strict=True) if isinstance(v, bytes)}
+        """The blobs found, by digest (absent or failed ones omitted); never raises.
+
+        Cache blobs found get their TTL back; the batch runs over parallel pipelines.
+        """
+        keys = [self.blob_key(d) for d in digests]
+        replies = self._read("get_blobs", self._refreshed("GET", keys), 2 * BLOB_CHUNK_KEYS)
+        found = {
+            d: v for d, v in zip(digests, replies[::2], strict=True) if isinstance(v, bytes)
+        }
         self._stats.add("hits", len(found))
         self._stats.add("misses", len(set(digests)) - len(found))
         self._stats.add("bytes_read", sum(len(v) for v in found.values()))
         return found
 
     def has_blobs(self, digests: Sequence[bytes]) -> set[bytes]:
-        """The digests whose blob Redis holds; never raises."""
-        replies = self._read("has_blobs", [("EXISTS", self.blob_key(d)) for d in digests])
-        return {d for d, v in zip(digests, replies, strict=True) if v == 1}
+        """The digests whose blob Redis holds (cache ones get their TTL back); never raises."""
+        replies = self._read("has_blobs", self._refreshed("EXISTS", map(self.blob_key, digests)))
+        return {d for d, v in zip(digests, replies[::2], strict=True) if v == 1}
 
     def put_blobs(self, items: Sequence[tuple[bytes, bytes]]) -> int:
-        """Store blobs (digest, blob file bytes) unless present; return how many were new."""
-        commands = [("SET", self.blob_key(d), data, "NX") for d, data in items]
-        replies = self._write("put_blobs", commands)
-        new = [len(data) for (_d, data), ok in zip(items, replies, strict=True) if ok]
+        """Store blobs (digest, blob file bytes) unless present; return how many were new.
+
+        A new blob is cache (with TTL) unless a window pins it already; a present one
+        keeps its bytes and its TTL restarts.
+        """
+        ttl = self.ttl_ms
+        commands = [self._script(lua.PUT_BLOB, self.blob_key(d), data, ttl) for d, data in items]
+        replies = self._write("put_blobs", commands, 2 * BLOB_CHUNK_KEYS)
+        new = [len(data) for (_d, data), ok in zip(items, replies, strict=True) if ok == 1]
         self._stats.add("blobs_written", len(new))
         self._stats.add("bytes_written", sum(new))
         return len(new)
 
     def delete_blobs(self, digests: Sequence[bytes]) -> None:
-        """Remove blobs if present."""
-        self._write("delete_blobs", [("DEL", self.blob_key(d)) for d in digests])
+        """Remove blobs and their pin counts if present."""
+        keys = [self.blob_key(d) for d in digests]
+        self._write("delete_blobs", [("DEL", k) for k in keys] + [("DEL", _pins(k)) for k in keys])
 
     # --- block maps -----------------------------------------------------------------------
 
     def get_blocks(self, fp_id: str, hashes: Sequence[bytes]) -> dict[bytes, bytes]:
         """Block hash -> blob digest for the hashes mapped under this fingerprint id."""
-        replies = self._read("get_blocks", [("GET", self.block_key(fp_id, h)) for h in hashes])
-        found = {h: v for h, v in zip(hashes, replies, strict=True) if isinstance(v, bytes)}
+        keys = [self.block_key(fp_id, h) for h in hashes]
+        replies = self._read("get_blocks", self._refreshed("GET", keys))
+        found = {h: v for h, v in zip(hashes, replies[::2], strict=True) if isinstance(v, bytes)}
         self._stats.add("block_hits", len(found))
         self._stats.add("block_misses", len(set(hashes)) - len(found))
         return found
 
-    def put_blocks(self, fp_id: str, rows: Sequence[tuple[bytes, bytes]]) -> None:
-        """Map block hashes to blob digests under this fingerprint id."""
-        self._write("put_blocks", [("SET", self.block_key(fp_id, h), d) for h, d in rows])
+    def put_blocks(self, fp_id: str, rows: Rows) -> None:
+        """Map block hashes to blob digests under this fingerprint id (cache, with TTL).
+
+        A map some window pins is left as it is.
+        """
+        ttl = self.ttl_ms
+        self._write("put_blocks", [
+            self._script(lua.PUT_BLOCK, self.block_key(fp_id, h), d, ttl) for h, d in rows
+        ])  # fmt: skip
+
+    # --- pins (one window's hold on its blobs and block maps) -------------------------------
+
+    def pin_blobs(self, digests: Sequence[bytes]) -> set[bytes]:
+        """Add one pin to each blob (no TTL from now on); the digests whose blob is absent."""
+        digests = list(dict.fromkeys(digests))
+        commands = [self._script(lua.PIN_BLOB, self.blob_key(d)) for d in digests]
+        replies = self._write("pin_blobs", commands)
+        return {d for d, present in zip(digests, replies, strict=True) if present != 1}
+
+    def unpin_blobs(self, digests: Sequence[bytes]) -> int:
+        """Remove one pin from each blob; delete those left unpinned; return how many."""
+        commands = [self._script(lua.UNPIN_BLOB, self.blob_key(d)) for d in dict.fromkeys(digests)]
+        freed = sum(1 for r in self._write("unpin_blobs", commands) if r == 1)
+        self._stats.add("blobs_freed", freed)
+        return freed
+
+    def pin_blocks(self, maps: Mapping[str, Rows]) -> None:
+        """Pin each fingerprint's (hash, digest) rows: the maps name these digests, no TTL."""
+        self._write("pin_blocks", self._block_scripts(lua.PIN_BLOCK, maps))
+
+    def unpin_blocks(self, maps: Mapping[str, Rows]) -> int:
+        """Remove one pin from each row; delete the maps left unpinned; return how many."""
+        replies = self._write("unpin_blocks", self._block_scripts(lua.UNPIN_BLOCK, maps))
+        freed = sum(1 for r in replies if r == 1)
+        self._stats.add("block_maps_freed", freed)
+        return freed
+
+    def _block_scripts(self, script: str, maps: Mapping[str, Rows]) -> list[Command]:
+        return [
+            self._script(script, self.block_key(fp_id, h), d)
+            for fp_id, rows in maps.items()
+            for h, d in dict.fromkeys(rows)
+        ]
 
     # --- windows --------------------------------------------------------------------------
 
+    def claim_window(
+        self, name: str, manifest: bytes, replace: bool = False
+    ) -> tuple[bool, bytes | None]:
+        """Store a manifest and index its name (atomic): (claimed, the manifest it replaced)."""
+        keys = [self.window_key(name), self._window_index]
+        command = ("EVAL", lua.CLAIM_WINDOW, 2, *keys, manifest, name, "1" if replace else "0")
+        reply = self._guard("put_window", lambda c: c.execute_command(*command))
+        if isinstance(reply, bytes):
+            return True, reply
+        return reply == 1, None
+
     def put_window(self, name: str, manifest: bytes, replace: bool = False) -> bool:
         """Store a manifest and index its name; False if it exists and not replace (atomic)."""
-        args = [manifest, name, "1" if replace else "0"]
-        keys = [self.window_key(name), self._window_index]
-        return self._guard("put_window", lambda c: self._scripts["put"](keys, args)) == 1
+        return self.claim_window(name, manifest, replace)[0]
 
     def get_window(self, name: str) -> bytes | None:
         """A window's manifest, or None (absent or Redis failing)."""
@@ -193,10 +272,47 @@ class RedisTier:
             return []
         return sorted(n.decode() for n in replies[0])
 
+    def pop_window(self, name: str) -> bytes | None:
+        """Remove a manifest and its index entry (atomic); the manifest, or None if absent."""
+        keys = [self.window_key(name), self._window_index]
+        command = ("EVAL", lua.POP_WINDOW, 2, *keys, name)
+        reply = self._guard("delete_window", lambda c: c.execute_command(*command))
+        return reply if isinstance(reply, bytes) else None
+
     def delete_window(self, name: str) -> bool:
         """Remove a manifest and its index entry (atomic); True if it existed."""
-        keys = [self.window_key(name), self._window_index]
-        return self._guard("delete_window", lambda c: self._scripts["del"](keys, [name])) == 1
+        return self.pop_window(name) is not None
+
+    # --- upkeep (`cwm store du|gc`) -------------------------------------------------------
+
+    def usage(self) -> dict[str, int]:
+        """windows, pinned_blobs/bytes, cache_blobs/bytes, block_maps, orphan_block_maps.
+
+        One SCAN over the tier's keys in bounded batches; raises StoreError when Redis fails.
+        """
+        return self._guard("usage", lambda c: redis_upkeep.usage(self, c))
+
+    def gc(self) -> dict[str, int]:
+        """Remove orphan block maps and first-layout keys; give unpinned keys without TTL one.
+
+        Returns removed_block_maps, removed_blobs, ttl_set, persisted; raises StoreError
+        when Redis fails.
+        """
+        return self._guard("gc", lambda c: redis_upkeep.gc(self, c))
+
+    def run(self, client: Client, commands: Sequence[Command]) -> list[Any]:
+        """A batch on a connected client (upkeep scans), error replies left in place."""
+        return self._pipes.run(client, commands)
+
+    @staticmethod
+    def _script(script: str, key: str, *args: Any) -> Command:
+        """An EVAL of a script over one key and its pins key (one slot)."""
+        return ("EVAL", script, 2, key, _pins(key), *args)
+
+    def _refreshed(self, command: str, keys: Any) -> list[Command]:
+        """`command key` for each key, each followed by a TTL restart if it has one."""
+        ttl = self.ttl_ms
+        return [c for k in keys for c in ((command, k), ("PEXPIRE", k, ttl, "XX"))]
 
     # --- health ---------------------------------------------------------------------------
 
@@ -212,7 +328,6 @@ class RedisTier:
         """Close the connections (a later call connects again)."""
         with self._lock:
             client, self._client = self._client, None
-            self._scripts = {}
         if client is not None:
             with contextlib.suppress(Exception):  # closing a broken connection must not raise
                 client.close()
@@ -231,23 +346,19 @@ class RedisTier:
                     self._client = RedisCluster(url=url, retry=retry, **timeouts)
                 else:
                     self._client = redis.Redis.from_url(self.url, retry=retry, **timeouts)
-                self._scripts = {
-                    "put": self._client.register_script(PUT_WINDOW_LUA),
-                    "del": self._client.register_script(DELETE_WINDOW_LUA),
-                }
             return self._client
 
-    def _read(self, what: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def _read(self, what: str, commands: list[Command], chunk: int = CHUNK_KEYS) -> list[Any]:
         """Run commands for a read; a failure gives None replies, never an exception."""
         try:
-            replies = self._guard(what, lambda c: _pipeline(c, commands))
+            replies = self._guard(what, lambda c: self._pipes.run(c, commands, chunk))
         except StoreError:
             return [None] * len(commands)
         return self._drop_errors(what, replies, read=True)
 
-    def _write(self, what: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def _write(self, what: str, commands: list[Command], chunk: int = CHUNK_KEYS) -> list[Any]:
         """Run commands for a write; raise StoreError on any failure."""
-        replies = self._guard(what, lambda c: _pipeline(c, commands))
+        replies = self._guard(what, lambda c: self._pipes.run(c, commands, chunk))
         return self._drop_errors(what, replies, read=False)
 
     def _guard(self, what: str, call: Callable[[Client], T]) -> T:
@@ -310,60 +421,6 @@ class RedisTier:
             logger.warning("Redis at %s is reachable again", self._where)
 
 
-def is_reply_error(exc: BaseException) -> bool:
-    """An error reply about the data (WRONGTYPE, OOM, script error), not about reaching Redis."""
-    return isinstance(exc, ResponseError) and not isinstance(exc, CLUSTER_STATE_ERRORS)
-
-
-def _pipeline(client: Client, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Run single-key commands in non-transactional pipelines of at most CHUNK_KEYS.
-
-    Error replies come back as ResponseError objects, one per failed key; a failure
-    to reach Redis raises, so the caller sees an outage.
-    """
-    if isinstance(client, RedisCluster):
-        replies = _cluster_pipeline(client, commands)
-    else:
-        replies = []
-        for start in range(0, len(commands), CHUNK_KEYS):
-            replies += _node_pipeline(client, commands[start : start + CHUNK_KEYS])
-    for reply in replies:
-        if isinstance(reply, Exception) and not is_reply_error(reply):
-            raise reply
-    return replies
-
-
-def _cluster_pipeline(client: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """One plain pipeline per node and chunk, grouped by the client's slot table.
-
-    Not redis-py's ClusterPipeline: it re-sends each command that timed out one by
-    one, so a stalled node would cost one socket timeout per key. A key whose slot
-    moved (MOVED, ASK, TRYAGAIN) is sent again through the client, which follows
-    the redirection and updates its slot table.
-    """
-    by_node: dict[str, tuple[Any, list[int]]] = {}
-    for i, command in enumerate(commands):
-        node = client.get_node_from_key(command[1])
-        by_node.setdefault(node.name, (node, []))[1].append(i)
-    replies: list[Any] = [None] * len(commands)
-    for node, indexes in by_node.values():
-        node_client = client.get_redis_connection(node)
-        for start in range(0, len(indexes), CHUNK_KEYS):
-            chunk = indexes[start : start + CHUNK_KEYS]
-            node_replies = _node_pipeline(node_client, [commands[i] for i in chunk])
-            for i, reply in zip(chunk, node_replies, strict=True):
-                replies[i] = reply
-    for i, reply in enumerate(replies):
-        if isinstance(reply, AskError | TryAgainError):
-            try:
-                replies[i] = client.execute_command(*commands[i])
-            except ResponseError as exc:
-                replies[i] = exc
-    return replies
-
-
-def _node_pipeline(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-    pipe = client.pipeline(transaction=False)
-    for command in commands:
-        pipe.execute_command(*command)
-    return pipe.execute(raise_on_error=False)
+def _pins(key: str) -> str:
+    """The pin counter of a blob or block-map key (same hash tag, so same slot)."""
+    return f"{key}:pins"

@@ -22,7 +22,7 @@ from cwm_connector.errors import CwmError
 from cwm_connector.version import __version__
 from cwm_connector.windows.args import Progress, WindowError, no_progress, text_arg, validate_name
 from cwm_connector.windows.query import WindowQuery
-from cwm_connector.windows.records import WindowRecords, group_index
+from cwm_connector.windows.records import WindowRecords, check_capture_room, group_index
 
 logger = logging.getLogger("vllm.cwm.windows")
 FREEZE_POLL_S = 0.05
@@ -72,7 +72,7 @@ class CoreOps:
                 "requests with cache_salt, then freeze",
                 code="unknown_session",
             )
-        if not overwrite and self.rec.catalog.get_window(name) is not None:
+        if not overwrite and self.rec.catalog.window_summary(name) is not None:
             raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
         runs = session.group_runs or ((session.first_block, session.block_hashes),)
         if len(runs) != len(self.rec.group_engine_ids):
@@ -130,8 +130,8 @@ class CoreOps:
     def _clone_for_salt(self, name: str, new_salt: str) -> str:
         """A clone of `name` under `new_salt` (made once, then reused): its name."""
         derived = validate_name(f"{name[:110]}.{salt_digest(new_salt)[:12]}")
-        existing = self.rec.catalog.get_window(derived)
-        if existing is None or existing[0]["salt"] != new_salt:
+        existing = self.rec.catalog.window_summary(derived)
+        if existing is None or existing["salt"] != new_salt:
             self.clone(name, derived, salt=new_salt)
         return derived
 
@@ -147,11 +147,9 @@ class CoreOps:
 
     def list(self, **query: Any) -> list[dict[str, Any]]:
         selection = WindowQuery.parse(**query)
-        in_redis = set() if self.rec.shared is None else set(self.rec.shared.names())
-        described = [
-            self.rec.describe(name, in_redis=in_redis) for name in self.rec.names(in_redis)
-        ]
-        return selection.apply(described)
+        in_redis = self.rec.shared_names()  # Redis-only windows are mirrored first
+        rows = self.rec.catalog.list_windows(selection.page_spec())  # one page, in SQL
+        return [self.rec.describe_row(row, in_redis=in_redis) for row in rows]
 
     def status(
         self,
@@ -198,13 +196,13 @@ class CoreOps:
     def lineage(self, name: str) -> dict[str, Any]:
         """parent, root and depth of a window (clones point at their source)."""
         chain = [name]
-        parent = self.rec.catalog.get_window(name)
-        while parent is not None and parent[0]["parent"] and len(chain) < 1000:
-            source = str(parent[0]["parent"])
+        parent = self.rec.catalog.window_summary(name)
+        while parent is not None and parent["parent"] and len(chain) < 1000:
+            source = str(parent["parent"])
             if source in chain:
                 break  # a cycle cannot be made through the ops; never loop on a damaged one
             chain.append(source)
-            parent = self.rec.catalog.get_window(source)
+            parent = self.rec.catalog.window_summary(source)
         return {"parent": chain[1] if len(chain) > 1 else None, "root": chain[-1],
                 "depth": len(chain) - 1}  # fmt: skip
 
@@ -251,27 +249,31 @@ class CoreOps:
     def delete(self, name: str) -> dict[str, Any]:
         validate_name(name)
         with self.rec.write_lock:
-            sizes_before = self.rec.catalog.totals()["stored_bytes"]
             # A live session's latest blocks stay: its next freeze needs them, and capture
             # never writes a block again once the store held it (found by benchmarks/soak.py).
-            live = [h for state in self.rec.sessions.states() for h in state.block_hashes]
-            keep = set(self.rec.catalog.digests_for_engine(self.rec.engine_fp_id, live).values())
-            orphans = self.rec.catalog.delete_window(name, keep=keep)
+            # Only the blobs this window alone pinned are looked up (by their block rows).
+            live = {h for state in self.rec.sessions.states() for h in state.block_hashes}
+            keep = self.rec.catalog.live_keeper(self.rec.engine_fp_id, live)
+            removed = self.rec.catalog.remove_window(name, keep)
             in_redis = self.rec.shared is not None and self.rec.shared.remove(name)
-            if orphans is None and not in_redis:
+            if removed is None and not in_redis:
                 raise WindowError(f"no window named {name!r}", code="window_not_found")
-            orphans = orphans or []
+            orphans, freed = removed or ([], 0)  # freed: the stored bytes of the rows dropped
             for dig in orphans:  # rows went first: a crash here leaves only orphan files
                 self.rec.disk.delete(dig)
-            freed = sizes_before - self.rec.catalog.totals()["stored_bytes"]
         return {"name": name, "deleted": True, "freed_blobs": len(orphans), "freed_bytes": freed}
 
     def stats(self) -> dict[str, Any]:
         return {
             **self._stats(),
-            "store": {**self.rec.catalog.totals(), "windows": len(self.rec.names())},
+            "store": {**self.rec.catalog.totals(), "windows": self._count_windows()},
             "sessions": len(self.rec.sessions.summary()),
         }
+
+    def _count_windows(self) -> int:
+        """Windows in the catalog (COUNT(*)), Redis-only ones mirrored into it first."""
+        self.rec.shared_names()
+        return self.rec.catalog.count_windows()
 
     def _missing_blocks(
         self, name: str, row: dict[str, object], blocks: list[tuple[bytes, bytes]]
@@ -296,6 +298,7 @@ class CoreOps:
             wanted = [h for h in hashes if h not in found]
             failed = self._failed_captures(wanted) if fail_fast else 0
             if failed:
+                check_capture_room(self.rec, failed, "freezing this session")
                 raise WindowError(
                     f"capture of {failed} of {len(hashes)} blocks failed (disk full, read-only "
                     "store or catalog unavailable: see the vLLM log); send the session's next "

@@ -1,4 +1,9 @@
-"""Filtering, sorting and paging of window listings (pure; `list` and the MCP tool use it)."""
+"""Filtering, sorting and paging of window listings: the arguments `list` takes, checked.
+
+`page_spec` turns them into the catalog's SQL page (store/catalog_windows.py), which
+`list` runs; `matches`/`apply` are the same rules over described windows in Python
+(the reference the SQL is tested against, tests/unit/windows/test_query_sql.py).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cwm_connector.engine.sessions import salt_digest
 from cwm_connector.errors import CwmError
+from cwm_connector.store.catalog_windows import PageSpec
 
 SORT_KEYS = ("name", "created", "tokens", "bytes")
 MAX_LIMIT = 10_000
@@ -55,6 +62,20 @@ class WindowQuery:
             if value is not None and not isinstance(value, str):
                 raise CwmError(f"{what} must be a string", code="bad_request")
         return cls(tuple(tags or ()), model, session, search, sort_by, sort_order, limit, offset)
+
+    def page_spec(self) -> PageSpec:
+        """The same selection in catalog terms (a session matches by salt or by digest)."""
+        sessions = () if self.session is None else (self.session, salt_digest(self.session))
+        return PageSpec(
+            tags=self.tags,
+            model=self.model,
+            sessions=sessions,
+            search=self.search.lower() if self.search else None,
+            sort_by=self.sort_by,
+            descending=self.sort_order == "desc",
+            limit=self.limit,
+            offset=self.offset,
+        )
 
     def matches(self, window: dict[str, Any]) -> bool:
         """Whether a described window passes every filter."""

@@ -9,6 +9,7 @@ to the local catalog and, when Redis sharing is on, are claimed there first.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from cwm_connector.engine.fingerprint import canonical_json, differing_fields
-from cwm_connector.engine.sessions import SessionTable, salt_digest
+from cwm_connector.engine.sessions import SessionTable
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.stats import Stats
+from cwm_connector.store import blob
+from cwm_connector.store.budget import DiskBudget, blob_space
 from cwm_connector.store.catalog import Catalog, catalog_path
 from cwm_connector.store.catalog_db import GROUP_STRIDE
 from cwm_connector.store.disk import DiskTier
@@ -30,6 +33,8 @@ from cwm_connector.windows.args import WindowError, tags_arg, text_arg, validate
 
 if TYPE_CHECKING:
     from cwm_connector.windows.share import SharedWindows
+
+logger = logging.getLogger("vllm.cwm.windows")
 
 
 class WindowRecords:
@@ -47,8 +52,10 @@ class WindowRecords:
         store: TieredStore | None = None,
         shared: SharedWindows | None = None,
         group_engine_ids: list[str] | None = None,
+        budget: DiskBudget | None = None,
     ):
         self.store_dir = store_dir
+        self.budget = budget  # the disk tier's limits (None: unchecked, as offline)
         self.disk = DiskTier(store_dir)
         # Verification and export read through the tiers (disk, then Redis); nothing is cached.
         self.store = store or TieredStore(
@@ -136,6 +143,19 @@ class WindowRecords:
             names |= set(self.shared.names()) if in_redis is None else in_redis
         return sorted(names)
 
+    def shared_names(self) -> set[str]:
+        """Redis's window names (none without Redis), each one the local catalog lacks
+        mirrored into it first, so that SQL pages over the catalog list every window."""
+        if self.shared is None:
+            return set()
+        names = self.shared.names()
+        for name in sorted(set(names) - self.catalog.known_windows(names)):
+            try:
+                self.load(name)
+            except CwmError as exc:  # one bad manifest must not hide every other window
+                logger.warning("cwm: window %r in redis is not listed: %s", name, exc)
+        return set(names)
+
     def load(self, name: str) -> tuple[dict[str, object], list[tuple[bytes, bytes]]]:
         found = self.catalog.get_window(validate_name(name))
         if found is None and self.shared is not None:
@@ -148,9 +168,8 @@ class WindowRecords:
                     blocks,
                     replace=True,
                     block_rows=[(fp, h, d) for fp, rows in fp_rows.items() for h, d in rows],
-                    blob_rows=[
-                        (d, raw, stored, codec or "redis") for d, raw, stored, codec in sizes
-                    ],
+                    # 'redis': a Redis-only mirror (a row this disk already has is kept)
+                    blob_rows=[(d, raw, stored, "redis") for d, raw, stored, _ in sizes],
                     indices=indices,
                 )
                 found = self.catalog.get_window(name)
@@ -161,28 +180,45 @@ class WindowRecords:
     def describe(
         self, name: str, resident: int = 0, in_redis: set[str] | None = None
     ) -> dict[str, Any]:
-        row, blocks = self.load(name)
-        sizes = self.catalog.blob_sizes([d for _, d in blocks])
-        tiers = ["memory"] if blocks and resident >= len(blocks) else []
-        if all(self.disk.contains(d) for d in dict.fromkeys(d for _, d in blocks)):
+        """A window as list/status/clone/freeze print it (mirrored from Redis if need be)."""
+        found = self.catalog.window_summary(validate_name(name))
+        if found is None:
+            self.load(name)  # a window another server froze, or window_not_found
+            found = self.catalog.window_summary(name)
+        if found is None:
+            raise WindowError(f"no window named {name!r}", code="window_not_found")
+        if self.shared is not None and in_redis is None:
+            in_redis = {name} if self.shared.redis.get_window(name) is not None else set()
+        return self.describe_row(found, resident, in_redis or set())
+
+    @staticmethod
+    def describe_row(
+        row: dict[str, object], resident: int = 0, in_redis: set[str] | frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
+        """A window from its catalog summary (catalog_windows.LISTED), without its blocks.
+
+        tiers: 'memory' when every block is resident on the workers; 'disk' when every
+        blob it names has a row stored on this disk (a codec other than 'redis', which
+        marks a Redis-only mirror; kept per window as off_disk); 'redis' when Redis lists it.
+        """
+        num_blocks = int(row["num_blocks"])  # type: ignore[call-overload]
+        tiers = ["memory"] if num_blocks and resident >= num_blocks else []
+        if not row["off_disk"]:
             tiers.append("disk")
-        if self.shared is not None:
-            if in_redis is None:
-                in_redis = set(self.shared.names())
-            if name in in_redis:
-                tiers.append("redis")
+        if row["name"] in in_redis:
+            tiers.append("redis")
         return {
             "name": row["name"],
             "salt": row["salt"],
-            "session": salt_digest(str(row["salt"])),
+            "session": row["session"],
             "tokens": row["num_tokens"],
-            "blocks": len(blocks),
-            "bytes": sum(sizes.get(d, (0, 0))[0] for _, d in blocks),
-            "stored_bytes": sum(sizes.get(d, (0, 0))[1] for _, d in set(blocks)),
+            "blocks": num_blocks,
+            "bytes": row["num_bytes"],
+            "stored_bytes": row["stored_bytes"],
             "created": row["created"],
             "parent": row["parent"],
             "fingerprint": str(row["engine_fp"])[:16],
-            "model": str(json.loads(str(row["fingerprint"])).get("model", "")),
+            "model": row["model"],
             "description": str(row.get("description") or ""),
             "tags": json.loads(str(row.get("tags") or "[]")),
             "tiers": tiers,
@@ -236,3 +272,24 @@ class WindowRecords:
 def group_index(group: int, position: int) -> int:
     """A hybrid window's window_blocks index of one block."""
     return group * GROUP_STRIDE + position
+
+
+def make_room(rec: WindowRecords, incoming: int, what: str, keep: set[bytes]) -> None:
+    """Evict cache blobs (never `keep`) so `incoming` more bytes fit; StoreFullError when
+    windows alone leave no room (nothing was written)."""
+    if rec.budget is None:
+        return
+    fits, room = rec.budget.make_room(rec.catalog, incoming, keep)
+    if not fits:
+        raise rec.budget.full_error(room, what)
+
+
+def check_capture_room(rec: WindowRecords, num_blocks: int, what: str) -> None:
+    """After captures failed: StoreFullError when windows alone leave no room for
+    `num_blocks` more blocks (so the failure was the budget, not a disk error)."""
+    if rec.budget is None or not num_blocks:
+        return
+    raw = rec.catalog.any_blob_raw_bytes()
+    room = rec.budget.room(rec.catalog, num_blocks * blob_space(raw, blob.HEADER_SIZE))
+    if raw and not room.fits:
+        raise rec.budget.full_error(room, what)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from cwm_connector.control.worker_channel import ThawStager
 from cwm_connector.engine.sessions import SessionTable
 from cwm_connector.errors import CwmError
+from cwm_connector.store.budget import DiskBudget
 from cwm_connector.store.tiered import TieredStore
 from cwm_connector.windows.admin import AdminOps
 from cwm_connector.windows.args import Progress, WindowError, no_progress
@@ -50,11 +51,12 @@ class WindowService:
         failed_captures: Callable[[list[bytes]], int] | None = None,
         freeze_timeout_s: float = 60.0,
         group_engine_ids: list[str] | None = None,
+        budget: DiskBudget | None = None,
     ):
         self.records = WindowRecords(
             store_dir=store_dir, engine_fp=engine_fp, engine_fp_id=engine_fp_id,
             block_size=block_size, hash_algo=hash_algo, sessions=sessions, store=store,
-            shared=shared, group_engine_ids=group_engine_ids,
+            shared=shared, group_engine_ids=group_engine_ids, budget=budget,
         )  # fmt: skip
         self.core = CoreOps(
             self.records, detokenize=detokenize, stats=stats, channels=channels,

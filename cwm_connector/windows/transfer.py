@@ -19,10 +19,12 @@ import msgpack
 
 from cwm_connector.engine.fingerprint import differing_fields
 from cwm_connector.engine.hash_chain import block_hash_chain
+from cwm_connector.store import blob
 from cwm_connector.store.blob import digest as blob_digest
+from cwm_connector.store.budget import blob_space
 from cwm_connector.windows.args import Progress, WindowError, no_progress, user_path, validate_name
 from cwm_connector.windows.export_file import EXPORT_FORMAT, ExportFile, open_export
-from cwm_connector.windows.records import WindowRecords, group_index
+from cwm_connector.windows.records import WindowRecords, group_index, make_room
 
 
 class TransferOps:
@@ -139,6 +141,9 @@ class TransferOps:
             progress(i + 1, total)
         blob_rows: list[tuple[bytes, int, int, str]] = []
         written: list[bytes] = []
+        new = {d for d in digests if not self.rec.disk.contains(d)}
+        space = len(new) * blob_space(export.block_bytes, blob.HEADER_SIZE)
+        make_room(self.rec, space, f"importing {name!r}", set(digests))  # or store_full
         try:
             for i, dig in enumerate(digests):
                 if not self.rec.disk.contains(dig):

@@ -257,7 +257,9 @@ def blob_count(store: Path) -> int:
 def test_disk_full_and_unwritable_store(tiny_model: Path, tmp_path: Path) -> None:
     with tmpfs(tmp_path / "store", "16m") as store:
         sock = store / "control.sock"
-        srv = server(tiny_model, store, tmp_path, "F").start()
+        # disk_min_free 0: the disk fills to the last page and the writes themselves fail
+        # (with the default margin cwm refuses first: test_budget_e2e.py)
+        srv = server(tiny_model, store, tmp_path, "F", disk_min_free=0).start()
         try:
             prompt = make_prompt(tiny_model, PROMPT_TOKENS, seed=61)
             filler = fill(store, keep_free=200 << 10)  # a few blobs fit, the session does not

@@ -41,11 +41,14 @@ def caches(seed: int = 1) -> dict[str, torch.Tensor]:
     return {f"layer.{i}": torch.randn(SHAPE, generator=gen).to(torch.bfloat16) for i in range(3)}
 
 
-def make_worker(store: Path, seed: int = 1) -> CwmWorker:
+def make_worker(store: Path, seed: int = 1, min_free: float = 0.0) -> CwmWorker:
+    """A worker on `store`; min_free 0 by default: these tests fill the disk past cwm's own
+    margin to reach the write errors themselves (test_budget.py tests the margin)."""
     catalog = Catalog(catalog_path(store))
     catalog.register_fingerprint("fp", "engine", "{}")
     catalog.close()
-    return CwmWorker(CwmConfig(store_dir=str(store)), "fp", KVLayout(caches(seed), NUM_BLOCKS), 0)
+    cfg = CwmConfig(store_dir=str(store), disk_min_free=min_free)
+    return CwmWorker(cfg, "fp", KVLayout(caches(seed), NUM_BLOCKS), 0)
 
 
 def capture(worker: CwmWorker, req: str, hashes: list[bytes], ids: list[int]) -> WorkerReport:
