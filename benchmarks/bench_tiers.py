@@ -14,6 +14,7 @@ One random Llama, real `vllm serve` processes, a real `redis-server` on loopback
 4. a server on an empty store pointed at Redis: restore from Redis.
 
     .venv/bin/python benchmarks/bench_tiers.py [--layers 4 --prompt-tokens 4000] [--out FILE]
+        [--phases disk,redis]  (a short run: only these restores)
 """
 
 from __future__ import annotations
@@ -66,7 +67,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/tiers.json"))
     p.add_argument("--keep", action="store_true", help="keep the temp dir (model, stores, logs)")
-    return p.parse_args()
+    p.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help="comma-separated subset of " + ", ".join(PHASES) + " (a short run)",
+    )
+    args = p.parse_args()
+    args.phases = tuple(x for x in PHASES if x in args.phases.split(","))
+    return args
 
 
 def zstd_copy(store: Path, dest: Path) -> tuple[int, int]:
@@ -119,6 +127,7 @@ def main() -> int:
         bench = TierBench(args, model, work)
         n = args.repeats
         # One prompt per phase and repeat, and fresh prompts for the decode measure.
+        phases = args.phases
         count = n * len(PHASES)
         bench.prompts = [make_prompt(model, args.prompt_tokens, seed=i) for i in range(count)]
         bench.decode_prompts = [make_prompt(model, 256, seed=500 + i) for i in range(2 * n)]
@@ -144,19 +153,22 @@ def main() -> int:
         finally:
             a.stop()
         time.sleep(1.0)  # let the write-behind copies to Redis land before the stores move
-        raw, stored = zstd_copy(store, work / "store-zstd")
-        res["zstd"] = {"raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored}
+        if "disk_zstd" in phases:
+            raw, stored = zstd_copy(store, work / "store-zstd")
+            res["zstd"] = {"raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored}
         plan = [("disk", store, {}), ("disk_zstd", work / "store-zstd", {}),
                 ("redis", work / "store-empty", {"redis_url": redis.url})]  # fmt: skip
         for phase, phase_store, extra in plan:
+            if phase not in phases and not (phase == "disk" and "memory" in phases):
+                continue
             server = bench.started(bench.server(phase, kv_transfer_config(
                 {"store_dir": str(phase_store), **extra})))  # fmt: skip
             try:
                 offset = PHASES.index(phase) * n
-                for k in range(offset, offset + n):
+                for k in range(offset, offset + n if phase in phases else offset):
                     r = bench.restore(server, k, salts[k], prefix_tokens[k])
                     res["restore"][phase].append(r)
-                if phase == "disk":  # thaw prestages into host memory, then restore
+                if phase == "disk" and "memory" in phases:  # thaw prestages, then restore
                     control = ControlClient(phase_store / "control.sock")
                     offset = PHASES.index("memory") * n
                     for k in range(offset, offset + n):
@@ -167,18 +179,18 @@ def main() -> int:
             finally:
                 server.stop()
         floor = statistics.median(res["prefix_hit"])
-        summary = {p: statistics.median(r["ttft_s"] for r in res["restore"][p]) for p in PHASES}
+        summary = {p: statistics.median(r["ttft_s"] for r in res["restore"][p]) for p in phases}
         dec = {k: statistics.median(v) for k, v in res["decode"].items()}
         result = {
             "config": {**vars(args), "out": str(args.out), "num_parameters": count_parameters(spec),
                        "loadavg_end": os.getloadavg()},
             "prefix_hit_s": floor,
             "restore_s": summary,
-            "restore_vs_prefix_hit": {p: summary[p] / floor for p in PHASES},
+            "restore_vs_prefix_hit": {p: summary[p] / floor for p in phases},
             "decode_tokens_per_s": dec,
             "decode_loss": 1 - dec["capture_on"] / dec["capture_off"],
             "checks": {p: all(r["hits_ok"] and r["token_ok"] for r in res["restore"][p])
-                       for p in PHASES},
+                       for p in phases},
             **res,
         }  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,10 +198,11 @@ def main() -> int:
         print("| restore from | TTFT | vs prefix hit | hits + first token ok |")
         print("| --- | --- | --- | --- |")
         print(f"| (vLLM prefix hit) | {floor:.3f} s | 1.00x | |")
-        for p in PHASES:
+        for p in phases:
             ratio = result["restore_vs_prefix_hit"][p]
             print(f"| {p} | {summary[p]:.3f} s | {ratio:.2f}x | {result['checks'][p]} |")
-        print(f"zstd on real KV: {result['zstd']['ratio']:.2f}x smaller")
+        if "zstd" in result:
+            print(f"zstd on real KV: {result['zstd']['ratio']:.2f}x smaller")
         print(f"decode tok/s capture on {dec['capture_on']:.1f} / off {dec['capture_off']:.1f}")
         return 0 if all(result["checks"].values()) else 1
     finally:

@@ -12,7 +12,12 @@ grow turn by turn, and windows are frozen, thawed (and continued), cloned
   included;
 - no error counters moved (digest, load, store, stage timeouts, mismatches).
 
-    .venv/bin/python benchmarks/soak.py --minutes 10 [--out benchmarks/results/soak.json]
+With `--disk-bytes` the store runs under that budget (issue 15): the blob files are
+sampled after every action and must never pass it (plus one capture in flight); a
+freeze that windows leave no room for (`store_full`) deletes a random window and is
+counted, never an error.
+
+    .venv/bin/python benchmarks/soak.py --minutes 10 [--disk-bytes 6MB] [--out ...]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cwm_connector.config import parse_bytes
 from cwm_connector.control.client import ControlClient
 from cwm_connector.demo.tiny_model import build_tiny_model, make_prompt
 from cwm_connector.demo.vllm_process import VllmServer, kv_transfer_config
@@ -42,8 +48,11 @@ ACTIONS = {"turn": 8, "freeze": 3, "thaw": 3, "clone": 2, "delete": 2}
 
 
 class Soak:
-    def __init__(self, model: Path, store: Path, logs: Path, seed: int):
+    def __init__(self, model: Path, store: Path, logs: Path, seed: int, disk_bytes: int = 0):
         self.model, self.store, self.logs = model, store, logs
+        self.disk_bytes = disk_bytes
+        self.store_full = 0
+        self.max_blob_bytes = 0
         self.rng = random.Random(seed)
         self.sessions: dict[str, str] = {}  # salt -> conversation text so far
         self.windows: dict[str, tuple[str, list[int]]] = {}  # name -> (salt, tokens)
@@ -53,7 +62,10 @@ class Soak:
         self.serial = 0
 
     def server(self, name: str) -> VllmServer:
-        cfg = kv_transfer_config({"store_dir": str(self.store), "verify_restore": True})
+        extra = {"store_dir": str(self.store), "verify_restore": True}
+        if self.disk_bytes:
+            extra["disk_bytes"] = self.disk_bytes
+        cfg = kv_transfer_config(extra)
         srv = VllmServer(str(self.model), self.logs / f"{name}.log", connector=cfg)
         srv.max_model_len = 8192
         return srv
@@ -64,6 +76,7 @@ class Soak:
             action = "turn"
         getattr(self, f"do_{action}")(srv, control)
         self.counts[action] += 1
+        self.max_blob_bytes = max(self.max_blob_bytes, blob_bytes(self.store))
 
     def do_turn(self, srv: VllmServer, control: ControlClient) -> None:
         if self.sessions and self.rng.random() < 0.7:
@@ -87,7 +100,13 @@ class Soak:
     def do_freeze(self, srv: VllmServer, control: ControlClient) -> None:
         salt = self.rng.choice(list(self.sessions))
         name = self.fresh("w")
-        window = control.call("freeze", salt=salt, name=name)
+        try:
+            window = control.call("freeze", salt=salt, name=name)
+        except CwmError as exc:
+            if exc.code != "store_full" or not self.windows:
+                raise
+            self.store_full += 1  # windows fill the budget: make room as a user would
+            return self.do_delete(srv, control)
         thawed = control.call("thaw", name=name)
         assert thawed["tokens"] == window["tokens"] == len(thawed["token_ids"])
         self.windows[name] = (salt, thawed["token_ids"])
@@ -128,6 +147,11 @@ class Soak:
         return None
 
 
+def blob_bytes(store: Path) -> int:
+    """Bytes of the blob files on disk."""
+    return sum(p.stat().st_size for p in (store / "blobs").rglob("*.blob"))
+
+
 def leak_check(store: Path) -> dict[str, Any]:
     """Blob files vs the catalog's blob rows."""
     db = sqlite3.connect(store / "catalog.sqlite")
@@ -147,11 +171,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--disk-bytes", type=parse_bytes, default=0, help="disk budget, e.g. 6MB")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.json"))
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cwm-soak-"))
     model = build_tiny_model(work / "model")
-    soak = Soak(model, work / "store", work / "logs", args.seed)
+    soak = Soak(model, work / "store", work / "logs", args.seed, int(args.disk_bytes))
     control = ControlClient(work / "store" / "control.sock")
     srv = soak.server("soak").start()
     started = time.monotonic()
@@ -161,6 +186,7 @@ def main() -> int:
         live = {name: control.call("status", name=name) for name in soak.windows}
     finally:
         srv.stop()
+    soak_stats = read_stats(work / "store")  # the restart's server starts its counters anew
     incomplete = [n for n, st in live.items() if not st["complete"]]
     srv = soak.server("restart").start()
     restored_ok = 0
@@ -178,7 +204,8 @@ def main() -> int:
     finally:
         srv.stop()
     stats = read_stats(work / "store")
-    errors = {k: stats.get(k, 0) for k in ERROR_COUNTERS}
+    errors = {k: stats.get(k, 0) + soak_stats.get(k, 0) for k in ERROR_COUNTERS}
+    slack = 1 << 20  # one capture in flight: 64 blocks of the tiny model (16 KiB each)
     result = {
         "minutes": args.minutes,
         "actions": soak.counts,
@@ -190,6 +217,16 @@ def main() -> int:
         "deleted_then_refused": soak.refused,
         "ttft_median_s": statistics.median(soak.ttft) if soak.ttft else None,
         "leak": leak_check(work / "store"),
+        "disk_bytes": soak.disk_bytes,
+        "captured_bytes": soak_stats.get("stored_bytes", 0),
+        "traffic_over_budget": (
+            round(soak_stats.get("stored_bytes", 0) / soak.disk_bytes, 2)
+            if soak.disk_bytes
+            else None
+        ),
+        "max_blob_bytes": soak.max_blob_bytes,
+        "evicted_blobs": soak_stats.get("evicted_blobs", 0),
+        "store_full_freezes": soak.store_full,
         "errors": errors,
         "worker_stats": stats,
     }
@@ -199,6 +236,7 @@ def main() -> int:
         and not any(errors.values())
         and result["leak"]["orphan_files"] == result["leak"]["rows_without_file"] == 0
         and result["leak"]["size_mismatches"] == 0
+        and (not soak.disk_bytes or soak.max_blob_bytes <= soak.disk_bytes + slack)
     )
     result["ok"] = ok
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -180,7 +180,11 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
         self._catalog_retry_at = time.monotonic()
         self._sched_stats = Stats(self.cfg.store_path / "stats" / "scheduler.json")
         # The engine thread asks Redis only with a short timeout, behind a circuit breaker.
-        self._redis = _redis_tier(self.cfg.redis_url, socket_timeout_s=SCHEDULER_REDIS_TIMEOUT_S)
+        self._redis = _redis_tier(
+            self.cfg.redis_url,
+            socket_timeout_s=SCHEDULER_REDIS_TIMEOUT_S,
+            ttl_s=self.cfg.redis_ttl_s,
+        )
         redis = self._redis
 
         group_ids = self._group_fp_ids
@@ -280,7 +284,7 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
     def _window_store(self, vllm_config: VllmConfig) -> tuple[TieredStore, SharedWindows | None]:
         """Tiers the window ops read through (disk, then Redis), and Redis sharing if set."""
         disk = DiskTier(self.cfg.store_path)
-        redis = _redis_tier(self.cfg.redis_url)
+        redis = _redis_tier(self.cfg.redis_url, ttl_s=self.cfg.redis_ttl_s)
         store = TieredStore(MemoryTier(1), disk, redis, Stats(None), promote=False)
         if redis is None:
             return store, None

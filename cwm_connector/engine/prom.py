@@ -44,6 +44,13 @@ COUNTERS = {
     "evicted_bytes": "bytes evicted from the disk tier",
     "store_full_blocks": "blocks not captured: windows alone fill the disk budget",
 }
+# Gauges: the worker's last measure of its disk tier (`cwm:<name>`); ranks report the same
+# shared store, so vLLM's sum across ranks is replaced by the largest.
+GAUGES = {
+    "disk_used_bytes": "bytes of blobs in the disk tier",
+    "disk_pinned_bytes": "bytes of the disk tier that windows pin (never evicted)",
+    "disk_limit_bytes": "the most the disk tier may hold now (disk_bytes, disk_min_free)",
+}
 LATENCIES = ("freeze_seconds", "thaw_seconds")
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -61,6 +68,8 @@ class CwmStats(KVConnectorStats):
         for key, value in other.data.items():
             if isinstance(value, list):
                 self.data.setdefault(key, []).extend(value)
+            elif key in GAUGES:
+                self.data[key] = max(self.data.get(key, 0), value)
             else:
                 self.data[key] = self.data.get(key, 0) + value
         return self
@@ -77,6 +86,7 @@ class DeltaTracker:
 
     def __init__(self) -> None:
         self._last: dict[str, int] = {}
+        self._gauges: dict[str, int] = {}
         self._samples: dict[str, list[float]] = {}
         self._lock = threading.Lock()
 
@@ -95,6 +105,9 @@ class DeltaTracker:
                 if delta > 0:
                     data[name] = delta
                 self._last[name] = value
+            for name in GAUGES:
+                if name in totals and totals[name] != self._gauges.get(name):
+                    data[name] = self._gauges[name] = int(totals[name])
             for name, samples in self._samples.items():
                 if samples:
                     data[name] = samples
@@ -115,10 +128,24 @@ class CwmPromMetrics(KVConnectorPromMetrics):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         counter_cls = metric_class(metric_types, "Counter", self, "_counter_cls")
         histogram_cls = metric_class(metric_types, "Histogram", self, "_histogram_cls")
+        gauge_cls = metric_class(metric_types, "Gauge", self, "_gauge_cls")
+        self._gauges: dict[str, dict[int, Any]] = {}
         if counter_cls is None or histogram_cls is None:  # a vLLM that moved them: no metrics
             self._counters: dict[str, dict[int, Any]] = {}
             self._histograms: dict[str, dict[int, Any]] = {}
             return
+        if gauge_cls is not None:
+            self._gauges = {
+                name: self._per_engine(
+                    gauge_cls(
+                        name=f"cwm:{name}",
+                        documentation=doc,
+                        labelnames=labelnames,
+                        multiprocess_mode="mostrecent",
+                    )
+                )
+                for name, doc in GAUGES.items()
+            }
         self._counters = {
             name: self._per_engine(
                 counter_cls(name=f"cwm:{name}", documentation=doc, labelnames=labelnames)
@@ -144,6 +171,8 @@ class CwmPromMetrics(KVConnectorPromMetrics):
         for name, value in transfer_stats_data.items():
             if name in self._counters and value:
                 self._counters[name][engine_idx].inc(value)
+            elif name in self._gauges:
+                self._gauges[name][engine_idx].set(value)
             elif name in self._histograms:
                 for sample in value:
                     self._histograms[name][engine_idx].observe(sample)
@@ -158,4 +187,8 @@ def prometheus_text(totals: Mapping[str, int]) -> str:
             f"# TYPE cwm:{name}_total counter",
             f"cwm:{name}_total {int(totals.get(name, 0))}",
         ]
+    for name, doc in GAUGES.items():
+        if name in totals:
+            lines += [f"# HELP cwm:{name} {doc}", f"# TYPE cwm:{name} gauge",
+                      f"cwm:{name} {int(totals[name])}"]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -46,11 +46,13 @@ from cwm_connector.store.budget import DiskBudget, blob_space
 from cwm_connector.store.catalog import Catalog, catalog_path
 from cwm_connector.store.check import check_store
 from cwm_connector.store.disk import DiskTier
+from cwm_connector.store.eviction import NO_LIMIT
 from cwm_connector.store.memory import MemoryTier
 from cwm_connector.store.tiered import TieredStore
 
 if TYPE_CHECKING:
     from cwm_connector.store.redis import RedisTier
+    from cwm_connector.store.redis_pipe import Pending
 
 logger = logging.getLogger("vllm.cwm.worker")
 
@@ -103,7 +105,7 @@ class CwmWorker:
         self.memory = MemoryTier(cfg.memory_bytes)
         self.catalog_path = catalog_path(root)
         self.stats = stats or Stats(root / "stats" / f"worker-rank{rank}.json")
-        self.store = TieredStore(self.memory, self.disk, _redis_tier(cfg.redis_url), self.stats)
+        self.store = TieredStore(self.memory, self.disk, _redis_tier(cfg), self.stats)
         self.budget = DiskBudget(self.disk, cfg.disk_bytes, cfg.disk_min_free, self.stats)
         self._used: set[bytes] = set()  # blobs staged or captured again since the last upkeep
         self._reading: dict[bytes, int] = {}  # blobs a staging job reads now: never evicted
@@ -336,6 +338,9 @@ class CwmWorker:
             fits, room = self.budget.make_room(
                 catalog, incoming, self._reading.keys(), self._evict_lock
             )
+            self.stats.set("disk_used_bytes", room.used)
+            self.stats.set("disk_pinned_bytes", room.pinned)
+            self.stats.set("disk_limit_bytes", room.limit if room.limit < NO_LIMIT else 0)
         except CwmError as exc:  # a locked catalog: the next upkeep tries again
             logger.warning("cwm: store upkeep skipped: %s", exc)
             return incoming == 0
@@ -347,10 +352,22 @@ class CwmWorker:
         return fits
 
     def _store_rows(self, catalog: Catalog, hashes: list[bytes], buffer: StagingBuffer) -> None:
+        digests = [digest_segments(buffer.segments(i)) for i in range(len(hashes))]
+        with self._evict_lock:  # what this capture finds stored stays until its rows exist
+            self._hold(digests)
+        try:
+            self._store_new(catalog, hashes, digests, buffer)
+        finally:
+            with self._evict_lock:
+                self._unhold(digests)
+
+    def _store_new(
+        self, catalog: Catalog, hashes: list[bytes], digests: list[bytes], buffer: StagingBuffer
+    ) -> None:
+        """Write the blobs the store lacks and every (hash, digest) row, within the budget."""
         blocks: list[tuple[bytes, bytes]] = []
         blobs: list[tuple[bytes, int, int, str]] = []
         written: set[bytes] = set()
-        digests = [digest_segments(buffer.segments(i)) for i in range(len(hashes))]
         new = {d for d in digests if not (catalog.has_blob(d) and self.disk.contains(d))}
         with self._lock:
             self._used.update(set(digests) - new)  # stored already: used again now
@@ -447,24 +464,32 @@ class CwmWorker:
         with self._evict_lock:  # found and pinned in one step: eviction cannot come between
             found = self.store.digests_for(catalog, self.fp_id, wanted)
             digests = _leading([found.get(h) for h in wanted])
-            for dig in digests:
-                self._reading[dig] = self._reading.get(dig, 0) + 1
+            self._hold(digests)
         try:
             return self._read_staged(catalog, job, wanted, digests)
         finally:
             with self._evict_lock:
-                for dig in digests:
-                    left = self._reading.pop(dig) - 1
-                    if left:
-                        self._reading[dig] = left
+                self._unhold(digests)
             with self._lock:
                 self._used.update(digests)
+
+    def _hold(self, digests: Sequence[bytes]) -> None:
+        """Keep these blobs from eviction (caller holds `_evict_lock`)."""
+        for dig in digests:
+            self._reading[dig] = self._reading.get(dig, 0) + 1
+
+    def _unhold(self, digests: Sequence[bytes]) -> None:
+        """Release `_hold` (caller holds `_evict_lock`)."""
+        for dig in digests:
+            left = self._reading.pop(dig) - 1
+            if left:
+                self._reading[dig] = left
 
     def _read_staged(
         self, catalog: Catalog, job: StageJob, wanted: list[bytes], digests: list[bytes]
     ) -> tuple[_Staged, list[bytes]]:
         """Read the digests' blobs into a staging buffer (see `_stage`)."""
-        remote = self.store.fetch_remote(digests)  # one pipelined Redis batch, if any
+        remote = self.store.fetch_remote(digests)  # Redis chunks in flight while readers verify
         buffer = self.pool.take(len(digests))
 
         def read(index: int) -> str | None:
@@ -490,7 +515,7 @@ class CwmWorker:
         block_hash: bytes,
         dig: bytes,
         segments: list[memoryview],
-        remote: dict[bytes, bytes] | None = None,
+        remote: dict[bytes, bytes] | Pending | None = None,
     ) -> str | None:
         """Read one verified blob into segments (memory, disk, Redis); on failure log, count,
         return its kind."""
@@ -581,13 +606,13 @@ class CwmWorker:
             self.stats.add("prestage_expired_jobs", len(expired))
 
 
-def _redis_tier(url: str) -> RedisTier | None:
-    """The Redis tier of a redis_url (None when unset)."""
-    if not url:
+def _redis_tier(cfg: CwmConfig) -> RedisTier | None:
+    """The Redis tier of cfg.redis_url (None when unset)."""
+    if not cfg.redis_url:
         return None
     from cwm_connector.store.redis import RedisTier
 
-    return RedisTier(url)
+    return RedisTier(cfg.redis_url, ttl_s=cfg.redis_ttl_s)
 
 
 def _leave_forward_cores() -> None:

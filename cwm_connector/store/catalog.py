@@ -368,6 +368,10 @@ class Catalog:
         )
         return [(int(r), bytes(d), str(c)) for r, d, c in rows]
 
+    def max_blob_rowid(self) -> int:
+        """The largest blob rowid (0 when there is none)."""
+        return int(self._db.execute("SELECT COALESCE(MAX(rowid), 0) FROM blobs").fetchone()[0])
+
     def meta(self, key: str, value: str | None = None) -> str | None:
         """A meta value; with `value`, write it first (one statement, autocommit)."""
         if value is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import xxhash
 
@@ -176,7 +176,10 @@ def page_sql(spec: PageSpec, rare_tag: str | None = None) -> tuple[str, list[obj
         if tag != rare_tag:
             where.append(HAS_TAG)
             params.append(tag)
-    if spec.sessions:
+    if len(spec.sessions) == 1:  # walks windows_session in name order: no sort
+        where.append("session = ?")
+        params += spec.sessions
+    elif spec.sessions:
         where.append(f"session IN ({','.join('?' * len(spec.sessions))})")
         params += spec.sessions
     if spec.model is not None:
@@ -214,6 +217,11 @@ def rarest_tag(conn: sqlite3.Connection, tags: Sequence[str]) -> str | None:
 def list_page(conn: sqlite3.Connection, spec: PageSpec) -> list[dict[str, object]]:
     """The rows of one page of windows (columns LISTED), filtered, sorted and paged."""
     conn.create_function("cwm_lower", 1, _lower, deterministic=True)
+    if spec.sessions:  # a salt and its digest: keep the one that names windows
+        spec = replace(spec, sessions=tuple(s for s in dict.fromkeys(spec.sessions) if conn.execute(
+            "SELECT 1 FROM windows WHERE session = ? LIMIT 1", (s,)).fetchone()))  # fmt: skip
+        if not spec.sessions:
+            return []
     sql, params = page_sql(spec, rarest_tag(conn, spec.tags) if spec.tags else None)
     cur = conn.execute(sql, params)
     keys = [c[0] for c in cur.description]

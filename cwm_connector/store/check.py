@@ -10,7 +10,9 @@ The work per start is bounded, so a store of a million blobs costs the same to
 start as a small one (issue 15; serving never waits for it, it runs beside):
 
 - every blob written since the previous start's check (rowid past `check_mark`),
-  at most CHECK_NEW of them: what a crash could have left half-done;
+  at most CHECK_NEW of them: what a crash could have left half-done (SQLite gives
+  a new row the largest rowid + 1; one written after the largest row was deleted
+  may reuse a checked rowid and waits for the slice);
 - then CHECK_SLICE of the older ones, from where the previous start stopped
   (`check_cursor`), wrapping: every blob is looked at within
   ceil(blobs / CHECK_SLICE) starts;
@@ -39,7 +41,7 @@ logger = logging.getLogger("vllm.cwm.worker")
 RECHECK_S = 0.5  # a bad-looking blob is looked at again after this (it may be being replaced)
 CHECK_NEW = 100_000  # blobs written since the last check, looked at per start
 CHECK_SLICE = 100_000  # older blobs looked at per start (a rotating slice)
-CHECK_BATCH = 1_000  # rows per catalog read; a pause as long as the batch follows
+CHECK_BATCH = 100  # rows per catalog read (about a millisecond); a pause as long follows
 MARK_KEY, CURSOR_KEY = "check_mark", "check_cursor"
 
 
@@ -107,6 +109,8 @@ class _Scan:
         self.bad: list[tuple[bytes, str]] = []
 
     def run(self) -> None:
+        # The newest rows went since: rowids past the largest now are the new ones.
+        self.mark = min(self.mark, self.catalog.max_blob_rowid())
         top = self.mark  # older blobs: rowid <= top; new ones: past it
         _, last_new = self._walk(self.mark, None, self.limits.new)
         cursor = self.cursor if self.cursor < top else 0

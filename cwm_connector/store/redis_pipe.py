@@ -10,9 +10,9 @@ reply list; a failure to reach a node raises.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import redis
 from redis.cluster import RedisCluster
@@ -20,6 +20,7 @@ from redis.exceptions import AskError, ClusterError, ResponseError, TryAgainErro
 
 Client = redis.Redis | RedisCluster
 Command = tuple[Any, ...]
+T = TypeVar("T")
 
 CHUNK_KEYS = 256  # commands per pipeline round trip: bounds one reply's size and latency
 NUM_CONNECTIONS = 4  # pipelines in flight at once (threads, each with its own connection)
@@ -43,22 +44,38 @@ class Pipes:
     def __init__(self, num_connections: int = NUM_CONNECTIONS):
         self._pool = ThreadPoolExecutor(num_connections, thread_name_prefix="cwm-redis-io")
 
-    def run(self, client: Client, commands: Sequence[Command], chunk: int = CHUNK_KEYS) -> list[Any]:
-        """Replies in command order; raises when a node cannot be reached."""
+    def split(
+        self, client: Client, commands: Sequence[Command], chunk: int = CHUNK_KEYS
+    ) -> list[tuple[redis.Redis, list[int]]]:
+        """The batch as jobs: (one node's connection, at most `chunk` command indexes)."""
+        if not isinstance(client, RedisCluster):
+            every = list(range(len(commands)))
+            return [(client, every[s : s + chunk]) for s in range(0, len(every), chunk)]
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, command in enumerate(commands):
+            node = client.get_node_from_key(routing_key(command))
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        jobs = []
+        for node, indexes in by_node.values():
+            conn = client.get_redis_connection(node)
+            jobs += [(conn, indexes[s : s + chunk]) for s in range(0, len(indexes), chunk)]
+        return jobs
+
+    def run(
+        self,
+        client: Client,
+        commands: Sequence[Command],
+        chunk: int = CHUNK_KEYS,
+        parallel: bool = True,
+    ) -> list[Any]:
+        """Replies in command order; raises when a node cannot be reached.
+
+        `parallel=False` runs the jobs one after another on this thread (a caller that
+        is itself one of the pool's threads must not wait on the pool).
+        """
         if not commands:
             return []
-        jobs: list[tuple[redis.Redis, list[int]]] = []
-        if isinstance(client, RedisCluster):
-            by_node: dict[str, tuple[Any, list[int]]] = {}
-            for i, command in enumerate(commands):
-                node = client.get_node_from_key(routing_key(command))
-                by_node.setdefault(node.name, (node, []))[1].append(i)
-            for node, indexes in by_node.values():
-                conn = client.get_redis_connection(node)
-                jobs += [(conn, indexes[s : s + chunk]) for s in range(0, len(indexes), chunk)]
-        else:
-            every = list(range(len(commands)))
-            jobs = [(client, every[s : s + chunk]) for s in range(0, len(every), chunk)]
+        jobs = self.split(client, commands, chunk)
         replies: list[Any] = [None] * len(commands)
 
         def one(job: tuple[redis.Redis, list[int]]) -> None:
@@ -67,8 +84,9 @@ class Pipes:
                                 strict=True):  # fmt: skip
                 replies[i] = reply
 
-        if len(jobs) == 1:  # the common small batch: no thread hop
-            one(jobs[0])
+        if len(jobs) == 1 or not parallel:  # the common small batch: no thread hop
+            for job in jobs:
+                one(job)
         else:
             for future in [self._pool.submit(one, job) for job in jobs]:
                 future.result()  # re-raises a node's connection error
@@ -79,12 +97,18 @@ class Pipes:
                 raise reply
         return replies
 
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        """Run a call on the pool (it must not wait on the pool itself)."""
+        return self._pool.submit(call)
+
     def close(self) -> None:
         """Stop the threads (pending batches finish)."""
         self._pool.shutdown(wait=False)
 
 
-def _follow_redirects(client: RedisCluster, commands: Sequence[Command], replies: list[Any]) -> None:
+def _follow_redirects(
+    client: RedisCluster, commands: Sequence[Command], replies: list[Any]
+) -> None:
     """Send a command whose slot moved (ASK, TRYAGAIN) again through the client.
 
     Not redis-py's ClusterPipeline: it re-sends each command that timed out one by
@@ -103,3 +127,37 @@ def _node_pipeline(client: redis.Redis, commands: list[Command]) -> list[Any]:
     for command in commands:
         pipe.execute_command(*command)
     return pipe.execute(raise_on_error=False)
+
+
+class Pending:
+    """Blobs of a batch still arriving by chunks: `get(key)` waits only for its own chunk."""
+
+    def __init__(self) -> None:
+        self._futures: dict[bytes, Future[dict[bytes, bytes]]] = {}
+
+    def add(self, keys: Sequence[bytes], future: Future[dict[bytes, bytes]]) -> None:
+        """These keys are answered by this chunk's future (a dict of those found)."""
+        for key in keys:
+            self._futures[key] = future
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._futures
+
+    def get(self, key: bytes, default: bytes | None = None) -> bytes | None:
+        """The value, once its chunk arrived; `default` if absent or failed."""
+        future = self._futures.get(key)
+        return default if future is None else future.result().get(key, default)
+
+    def all(self) -> dict[bytes, bytes]:
+        """Every value found (waits for every chunk)."""
+        out: dict[bytes, bytes] = {}
+        for future in {id(f): f for f in self._futures.values()}.values():
+            out.update(future.result())
+        return out
+
+
+def done(value: T) -> Future[T]:
+    """A future that holds `value` already."""
+    future: Future[T] = Future()
+    future.set_result(value)
+    return future

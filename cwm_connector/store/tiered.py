@@ -30,6 +30,7 @@ from cwm_connector.store.memory import MemoryTier
 
 if TYPE_CHECKING:
     from cwm_connector.store.redis import RedisTier
+    from cwm_connector.store.redis_pipe import Pending
 
 logger = logging.getLogger("vllm.cwm.store")
 
@@ -76,18 +77,19 @@ class TieredStore:
         return found
 
     # -- reads -----------------------------------------------------------------
-    def fetch_remote(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
-        """Whole blobs from Redis (one pipelined batch) for those neither memory nor disk holds."""
+    def fetch_remote(self, digests: Sequence[bytes]) -> dict[bytes, bytes] | Pending:
+        """Start reading from Redis (chunks over parallel pipelines, no per-blob round trip)
+        the blobs neither memory nor disk holds; `read_into` waits for each one's chunk."""
         if self.redis is None:
             return {}
         remote = [d for d in digests if not self.memory.contains(d) and not self.disk.contains(d)]
-        return self.redis.get_blobs(remote) if remote else {}
+        return self.redis.prefetch_blobs(remote) if remote else {}
 
     def read_into(
         self,
         digest: bytes,
         segments: Sequence[memoryview],
-        remote: dict[bytes, bytes] | None = None,
+        remote: dict[bytes, bytes] | Pending | None = None,
     ) -> str:
         """Read and verify one blob into segments; return the tier that served it.
 
@@ -109,8 +111,9 @@ class TieredStore:
         except BlobMissingError:
             if self.redis is None:
                 raise
-        data = (remote or {}).get(digest)
-        if data is None:
+        if remote is not None and digest in remote:  # a batch asked already: absent is a miss
+            data = remote.get(digest)
+        else:
             data = self.redis.get_blobs([digest]).get(digest)
         if data is None:
             raise BlobMissingError(f"blob {digest.hex()} is in no tier")

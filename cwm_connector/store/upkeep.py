@@ -61,6 +61,7 @@ def disk_usage(store_dir: Path, disk_bytes: int = 0) -> dict[str, Any]:
         disk = DiskTier(store_dir)  # a store's folders exist already: this creates nothing
         disk_rows = conn.execute("SELECT COUNT(*) FROM blobs WHERE codec != 'redis'").fetchone()[0]
         windows = conn.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+        budget_used = _budget_used(conn)
         matched = 0
         for batch in _batched(blob_files(disk), MAX_SQL_VARS):
             rows = _blob_rows(conn, [f.digest for f in batch])
@@ -86,6 +87,7 @@ def disk_usage(store_dir: Path, disk_bytes: int = 0) -> dict[str, Any]:
         ),
         "windows": windows,
         "budget_bytes": disk_bytes or None,
+        "budget_used_bytes": budget_used,  # the catalog's running total the budget enforces
         "fs_total_bytes": fs.total,
         "fs_free_bytes": fs.free,
     }
@@ -278,6 +280,15 @@ def _drop_dangling_blocks(conn: sqlite3.Connection, dry_run: bool) -> int:
             )
             dropped += cur.rowcount
     return dropped
+
+
+def _budget_used(conn: sqlite3.Connection) -> int | None:
+    """The catalog's running total of blob bytes on this disk (None: a store without one)."""
+    try:
+        row = conn.execute("SELECT bytes FROM usage WHERE key = 'disk'").fetchone()
+    except sqlite3.Error:
+        return None
+    return None if row is None else int(row[0])
 
 
 def _named(conn: sqlite3.Connection, digests: list[bytes]) -> set[bytes]:

@@ -296,9 +296,11 @@ class CoreOps:
             progress(len(found), len(set(hashes)))
             # The scheduler tracks the failed captures of the first group.
             wanted = [h for h in hashes if h not in found]
+            # Blocks still to capture that windows leave no room for: store_full at once (the
+            # capture's own failure reaches the scheduler only with the next engine step).
+            check_capture_room(self.rec, len(set(wanted)), "freezing this session")
             failed = self._failed_captures(wanted) if fail_fast else 0
             if failed:
-                check_capture_room(self.rec, failed, "freezing this session")
                 raise WindowError(
                     f"capture of {failed} of {len(hashes)} blocks failed (disk full, read-only "
                     "store or catalog unavailable: see the vLLM log); send the session's next "

@@ -137,12 +137,6 @@ class WindowRecords:
         if not ok:
             raise WindowError(f"window {name!r} exists (pass overwrite)", code="window_exists")
 
-    def names(self, in_redis: set[str] | None = None) -> list[str]:
-        names = set(self.catalog.window_names())
-        if self.shared is not None:
-            names |= set(self.shared.names()) if in_redis is None else in_redis
-        return sorted(names)
-
     def shared_names(self) -> set[str]:
         """Redis's window names (none without Redis), each one the local catalog lacks
         mirrored into it first, so that SQL pages over the catalog list every window."""
@@ -285,8 +279,8 @@ def make_room(rec: WindowRecords, incoming: int, what: str, keep: set[bytes]) ->
 
 
 def check_capture_room(rec: WindowRecords, num_blocks: int, what: str) -> None:
-    """After captures failed: StoreFullError when windows alone leave no room for
-    `num_blocks` more blocks (so the failure was the budget, not a disk error)."""
+    """StoreFullError when windows alone leave no room for `num_blocks` more blocks (their
+    capture is refused, or was: see CwmWorker._store_new)."""
     if rec.budget is None or not num_blocks:
         return
     raw = rec.catalog.any_blob_raw_bytes()

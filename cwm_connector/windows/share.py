@@ -7,10 +7,20 @@ local catalog. A thaw of a name the local catalog lacks fetches the manifest
 from Redis, checks that its block hashes are the chain of its own tokens and
 salt (so a forged manifest cannot map another session's hashes to its bytes),
 and mirrors it locally; its blobs are read from Redis when staged.
+
+Pins. A window pins its blobs and its block maps in Redis (they lose their
+TTL, see `store/redis.py`); its manifest lists the block maps it pinned under
+`pins` ([fingerprint id, block positions or None for all]) so that any server
+can release exactly them. Order: pin the blobs, upload the missing ones, pin
+the block maps, then claim the name; a claim that fails, or an upload that
+does, releases the pins again; a claim that replaced a window, and a delete,
+release the pins of the manifest the script handed back (to exactly one
+caller). A manifest without `pins` (written before pins existed) pinned nothing.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +30,7 @@ from cwm_connector.errors import CwmError, StoreError
 from cwm_connector.store.redis import RedisTier
 from cwm_connector.store.tiered import TieredStore
 
+logger = logging.getLogger("vllm.cwm.windows")
 MANIFEST_VERSION = 1
 Row = dict[str, Any]
 Blocks = list[tuple[bytes, bytes]]
@@ -43,21 +54,33 @@ class SharedWindows:
         replace: bool,
         indices: Sequence[int] | None = None,
     ) -> bool:
-        """Copy blobs and rows to Redis, then claim the name; False if it is taken.
+        """Pin and copy blobs and rows to Redis, then claim the name; False if it is taken.
 
         `indices`: a hybrid model's window_blocks indices (group x 2^32 + position).
         """
-        for fp_id, rows in fp_rows.items():
-            self.store.upload(fp_id, rows)
+        digests = list(dict.fromkeys(d for _, d in blocks))
+        maps = {fp: list(dict.fromkeys(rows)) for fp, rows in fp_rows.items()}
         manifest = {
             "v": MANIFEST_VERSION,
             "row": dict(row),
             "blocks": [[h, d] for h, d in blocks],
-            "sizes": [[d, *sizes[d]] for d in dict.fromkeys(d for _, d in blocks) if d in sizes],
+            "sizes": [[d, *sizes[d]] for d in digests if d in sizes],
             **({"indices": list(indices)} if indices is not None else {}),
+            "pins": [[fp, _positions(blocks, rows)] for fp, rows in fp_rows.items()],
         }
         packed = msgpack.packb(manifest, use_bin_type=True)
-        claimed = self.redis.put_window(str(row["name"]), packed, replace=replace)
+        self.redis.pin_blobs(digests)  # first: an upload then lands without TTL
+        try:
+            self.store.upload(None, blocks)
+            self.redis.pin_blocks(maps)
+            claimed, replaced = self.redis.claim_window(str(row["name"]), packed, replace)
+        except BaseException:
+            self._release(digests, maps)
+            raise
+        if not claimed:
+            self._release(digests, maps)
+        elif replaced is not None:
+            self._release_manifest(replaced)
         return claimed
 
     def fetch(
@@ -109,10 +132,53 @@ class SharedWindows:
         return self.redis.window_names()
 
     def remove(self, name: str) -> bool:
-        """Drop a window's manifest from Redis; True if it was there."""
-        return self.redis.delete_window(name)
+        """Drop a window's manifest from Redis and release its pins; True if it was there."""
+        packed = self.redis.pop_window(name)
+        if packed is None:
+            return False
+        self._release_manifest(packed)
+        return True
+
+    def _release_manifest(self, packed: bytes) -> None:
+        """Release the pins a removed or replaced manifest held (none if it predates pins)."""
+        try:
+            manifest = msgpack.unpackb(packed, raw=False)
+            blocks = [(bytes(h), bytes(d)) for h, d in manifest["blocks"]]
+            maps = {
+                str(fp): blocks if sel is None else [blocks[int(i)] for i in sel]
+                for fp, sel in manifest.get("pins", None) or []
+            }
+            pinned = "pins" in manifest
+        except (KeyError, TypeError, ValueError, IndexError, msgpack.UnpackException) as exc:
+            logger.warning("cwm: a malformed manifest left redis; its pins stay: %s", exc)
+            return
+        if pinned:
+            self._release(list(dict.fromkeys(d for _, d in blocks)), maps)
+
+    def _release(self, digests: list[bytes], maps: dict[str, Blocks]) -> None:
+        """Remove one pin from each block map, then from each blob (maps never outlive blobs).
+
+        Best effort: a failure leaves counts one too high (those keys never expire).
+        """
+        try:
+            self.redis.unpin_blocks(maps)
+            self.redis.unpin_blobs(digests)
+        except StoreError as exc:
+            logger.warning("cwm: could not release %d pinned blobs in redis: %s", len(digests), exc)
 
     def has_blobs(self, digests: Sequence[bytes]) -> bool:
         """Whether Redis holds every one of these blobs."""
         wanted = set(digests)
         return bool(wanted) and self.redis.has_blobs(list(wanted)) == wanted
+
+
+def _positions(blocks: Blocks, rows: Blocks) -> list[int] | None:
+    """Where `rows` (an ordered subsequence of `blocks`) sit in it; None when it is all of it."""
+    if len(rows) == len(blocks):
+        return None
+    out, start = [], 0
+    for wanted in rows:
+        start = blocks.index(wanted, start)
+        out.append(start)
+        start += 1
+    return out

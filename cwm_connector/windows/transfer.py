@@ -141,12 +141,14 @@ class TransferOps:
             progress(i + 1, total)
         blob_rows: list[tuple[bytes, int, int, str]] = []
         written: list[bytes] = []
-        new = {d for d in digests if not self.rec.disk.contains(d)}
+        cat = self.rec.catalog
+        # A file without its row (an orphan a crash left) is written again, row and all.
+        new = {d for d in digests if not (self.rec.disk.contains(d) and cat.has_blob(d))}
         space = len(new) * blob_space(export.block_bytes, blob.HEADER_SIZE)
         make_room(self.rec, space, f"importing {name!r}", set(digests))  # or store_full
         try:
             for i, dig in enumerate(digests):
-                if not self.rec.disk.contains(dig):
+                if dig in new and dig not in written:
                     # Read again and verify again: the file may have changed since.
                     stored = self.rec.disk.put(dig, [_verified_row(export, i, dig)])
                     written.append(dig)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from mcp_fakes import REPO_ROOT
+from redis_servers import RedisServer, free_port, redis_available
 from store_builder import FILE_BYTES, PINNED_TOKENS, build_store, make_service, served
 
 from cwm_connector import cli
@@ -63,8 +64,8 @@ def test_offline_export_is_importable(tmp_path: Path, capsys: pytest.CaptureFixt
     store = tmp_path / "store"
     build_store(store)
     target = tmp_path / "w1.cwm"
-    code, exported, err = run_cli(capsys, "export", "w1", str(target), "--socket",
-                                  str(tmp_path / "none.sock"), "--store-dir", str(store))  # fmt: skip
+    where = ["--socket", str(tmp_path / "none.sock"), "--store-dir", str(store)]
+    code, exported, err = run_cli(capsys, "export", "w1", str(target), *where)
     assert code == 0 and "read the store at" in err
     assert exported == {"name": "w1", "file": str(target), "bytes": target.stat().st_size}
     other = make_service(tmp_path / "other")
@@ -139,3 +140,21 @@ def test_store_verify_json_is_one_document_in_a_subprocess(tmp_path: Path) -> No
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["disk"]["checked_blobs"] == 5
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+def test_store_du_and_gc_cover_redis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "store"
+    build_store(store)
+    at = ["--store-dir", str(store)]
+    with RedisServer() as redis:
+        code, du, _ = run_cli(capsys, "store", "du", *at, "--redis-url", redis.url)
+        assert code == 0 and du["redis"]["windows"] == 0 and du["redis"]["pinned_blobs"] == 0
+        assert {"cache_bytes", "block_maps", "orphan_block_maps"} <= set(du["redis"])
+        code, gc, _ = run_cli(capsys, "store", "gc", *at, "--redis-url", redis.url)
+        assert code == 0 and gc["redis"]["removed_block_maps"] == 0
+    dead = f"redis://127.0.0.1:{free_port()}"
+    code, du, _ = run_cli(capsys, "store", "du", *at, "--redis-url", dead)
+    assert code == 1 and du["redis"]["error"]["code"] == du["error"]["code"]
+    assert du["disk"]["pinned_blobs"] == 3  # the disk's numbers still come back

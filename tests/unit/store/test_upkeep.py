@@ -38,6 +38,7 @@ def test_du_counts_each_kind_and_writes_nothing(tmp_path: Path) -> None:
     assert (du["quarantined_files"], du["quarantined_bytes"]) == (1, 300)
     assert du["blob_bytes"] == 5 * FILE_BYTES and du["missing_blobs"] == 0
     assert du["windows"] == 2 and du["budget_bytes"] == 1 << 20
+    assert du["budget_used_bytes"] == 5 * FILE_BYTES  # the catalog agrees with the files
     assert 0 < du["fs_free_bytes"] <= du["fs_total_bytes"] and du["catalog_bytes"] > 0
 
 
