@@ -9,7 +9,7 @@ EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cwm-setup-$(EXTRA)
 
-.PHONY: setup system-deps demo test lint unit e2e bench bench-gpu clean
+.PHONY: setup system-deps demo test lint unit e2e bench plot bench-gpu clean
 
 setup: system-deps $(STAMP)
 
@@ -22,7 +22,7 @@ system-deps:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(EXTRA),test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRA),test,bench]'
 	@# The CPU torch build breaks beside PyPI's torchvision/torchaudio/torchcodec.
 	$(if $(filter cpu,$(EXTRA)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
@@ -43,8 +43,15 @@ e2e: setup
 test: lint
 	$(PY) -m pytest -v -rs tests
 
+# bench_restore.py, then the TTFT sweep (1k-32k tokens, every tier; several minutes) and
+# its plot, benchmarks/results/ttft.png. `make plot` only redraws from the committed JSON.
 bench: setup
 	$(PY) benchmarks/bench_restore.py
+	$(PY) benchmarks/bench_ttft.py
+	$(MAKE) plot
+
+plot: $(STAMP)
+	$(PY) benchmarks/plot.py
 
 # The GPU suite (a CUDA host, `make bench-gpu EXTRA=gpu`): copies vs cudaMemcpy, then restore
 # TTFT vs prefix hit and cold prefill at 4k and 32k tokens on a ~1.1B random Llama, then

@@ -134,21 +134,22 @@ def main() -> int:
         store = work / "store"
         cfg = kv_transfer_config({"store_dir": str(store), "redis_url": redis.url})
         salts = [f"{bench.run_id}-{k}" for k in range(n * len(PHASES))]
+        used = [k for i, p in enumerate(PHASES) if p in phases for k in range(i * n, i * n + n)]
         res: dict[str, Any] = {"prefix_hit": [], "restore": {p: [] for p in PHASES}}
-        prefix_tokens: list[str] = []
+        prefix_tokens: dict[int, str] = {}
         a = bench.started(bench.server("A", cfg))
         try:
             want = 0
-            for k, salt in enumerate(salts):
-                want += (bench.send(a, k, salt)["usage"]["prompt_tokens"] - 1) // BLOCK
+            for k in used:
+                want += (bench.send(a, k, salts[k])["usage"]["prompt_tokens"] - 1) // BLOCK
             res["durable"] = wait_durable(a, store, want, args.durable_timeout_s)
-            for k, salt in enumerate(salts):
-                out = bench.send(a, k, salt)
+            for k in used:
+                out = bench.send(a, k, salts[k])
                 res["prefix_hit"].append(out["elapsed_s"])
-                prefix_tokens.append(first_token(out))
+                prefix_tokens[k] = first_token(out)
             control = ControlClient(store / "control.sock")
-            for k, salt in enumerate(salts):
-                control.call("freeze", salt=salt, name=f"w{k}")
+            for k in used:
+                control.call("freeze", salt=salts[k], name=f"w{k}")
             res["decode"] = bench.decode_rates(a)
         finally:
             a.stop()

@@ -52,6 +52,7 @@ class Soak:
         self.model, self.store, self.logs = model, store, logs
         self.disk_bytes = disk_bytes
         self.store_full = 0
+        self.evicted_sessions = 0
         self.max_blob_bytes = 0
         self.rng = random.Random(seed)
         self.sessions: dict[str, str] = {}  # salt -> conversation text so far
@@ -97,16 +98,32 @@ class Soak:
         self.serial += 1
         return f"{stem}-{self.serial}"
 
-    def do_freeze(self, srv: VllmServer, control: ControlClient) -> None:
-        salt = self.rng.choice(list(self.sessions))
+    def continue_session(self, srv: VllmServer, salt: str) -> None:
+        """Send the session's conversation again (a turn with no new user text)."""
+        out = srv.complete(self.sessions[salt], salt, max_tokens=8)
+        self.ttft.append(out["ttft_s"])
+        self.sessions[salt] += out["choices"][0]["text"]
+
+    def do_freeze(self, srv: VllmServer, control: ControlClient, salt: str | None = None) -> None:
+        salt = salt or self.rng.choice(list(self.sessions))
         name = self.fresh("w")
         try:
             window = control.call("freeze", salt=salt, name=name)
         except CwmError as exc:
-            if exc.code != "store_full" or not self.windows:
+            if not self.disk_bytes or exc.code not in (
+                "store_full",
+                "not_durable",
+                "capture_failed",
+            ):
                 raise
-            self.store_full += 1  # windows fill the budget: make room as a user would
-            return self.do_delete(srv, control)
+            if exc.code == "store_full":  # windows fill the budget: make room as a user would
+                self.store_full += 1
+                return self.do_delete(srv, control)
+            # The session's blocks were evicted while it sat idle, or its capture found the
+            # store full then: its next request captures them again, as the error says.
+            self.evicted_sessions += 1
+            self.continue_session(srv, salt)
+            return self.do_freeze(srv, control, salt)
         thawed = control.call("thaw", name=name)
         assert thawed["tokens"] == window["tokens"] == len(thawed["token_ids"])
         self.windows[name] = (salt, thawed["token_ids"])
@@ -227,6 +244,7 @@ def main() -> int:
         "max_blob_bytes": soak.max_blob_bytes,
         "evicted_blobs": soak_stats.get("evicted_blobs", 0),
         "store_full_freezes": soak.store_full,
+        "freezes_after_eviction": soak.evicted_sessions,
         "errors": errors,
         "worker_stats": stats,
     }

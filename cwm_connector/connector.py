@@ -270,6 +270,7 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
             auto=self._auto,
             latency=self._deltas.observe,
             failed_captures=self._scheduler.failed_captures if self._scheduler else None,
+            in_flight=self._scheduler.captures_in_flight if self._scheduler else None,
         )
         self._service = service
         server = ControlServer(self.cfg.control_socket_path, service.handle)

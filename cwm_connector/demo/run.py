@@ -135,7 +135,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"    thawed tokens and logprobs equal the prefix-cache hit's: {'YES' if match else 'NO'}"
     )
+    ttfts = {"cold prefill": cold["ttft_s"], "vLLM prefix hit": ref["ttft_s"],
+             "cwm thaw after restart": restored["ttft_s"]}  # fmt: skip
+    write_plot(ttfts, work / "logs" / "ttft.png", f"{args.prompt_tokens}-token prompt")
     return 0 if match and hits > 0 else 1
+
+
+def write_plot(ttft_s: dict[str, float], out: Path, what: str) -> None:
+    """The three TTFTs as a PNG next to the logs; matplotlib is optional, so say if missing."""
+    try:
+        from cwm_connector.demo.plot import write_ttft_png
+
+        path = write_ttft_png(ttft_s, out, f"cwm demo: time to first token, {what}")
+    except ImportError:
+        print("    (no TTFT plot: matplotlib is not installed; pip install -e '.[bench]')")
+        return
+    print(f"    TTFT plot: {path}")
 
 
 if __name__ == "__main__":

@@ -395,6 +395,11 @@ class CwmScheduler:
         with self._failed_lock:
             return sum(1 for h in hashes if h in self._store_failures)
 
+    def captures_in_flight(self, hashes: Sequence[bytes]) -> int:
+        """How many of these blocks (first group) a planned capture has not reported yet."""
+        inflight = self._inflight_capture  # membership tests only: safe from another thread
+        return sum(1 for h in hashes if (0, h) in inflight)
+
     @property
     def num_pending(self) -> int:
         """Requests waiting for staging results."""

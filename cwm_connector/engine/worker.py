@@ -42,7 +42,7 @@ from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.stats import Stats
 from cwm_connector.store import blob
 from cwm_connector.store.blob import digest_segments
-from cwm_connector.store.budget import DiskBudget, blob_space
+from cwm_connector.store.budget import DiskBudget, blob_space, holds_for
 from cwm_connector.store.catalog import Catalog, catalog_path
 from cwm_connector.store.check import check_store
 from cwm_connector.store.disk import DiskTier
@@ -108,8 +108,7 @@ class CwmWorker:
         self.store = TieredStore(self.memory, self.disk, _redis_tier(cfg), self.stats)
         self.budget = DiskBudget(self.disk, cfg.disk_bytes, cfg.disk_min_free, self.stats)
         self._used: set[bytes] = set()  # blobs staged or captured again since the last upkeep
-        self._reading: dict[bytes, int] = {}  # blobs a staging job reads now: never evicted
-        self._evict_lock = threading.Lock()  # a lookup+pin for staging, or an eviction round
+        self._holds = holds_for(root)  # blobs being read or named now: never evicted
         self._full_logged = False  # the store-full line is logged once per episode
         self.pool = layout.new_pool(max_idle_bytes=min(cfg.memory_bytes, PREWARM_BYTES))
         self._lock = threading.Lock()
@@ -336,7 +335,7 @@ class CwmWorker:
             if used:
                 catalog.touch(list(used), time.time())
             fits, room = self.budget.make_room(
-                catalog, incoming, self._reading.keys(), self._evict_lock
+                catalog, incoming, self._holds.counts.keys(), self._holds.lock
             )
             self.stats.set("disk_used_bytes", room.used)
             self.stats.set("disk_pinned_bytes", room.pinned)
@@ -353,13 +352,13 @@ class CwmWorker:
 
     def _store_rows(self, catalog: Catalog, hashes: list[bytes], buffer: StagingBuffer) -> None:
         digests = [digest_segments(buffer.segments(i)) for i in range(len(hashes))]
-        with self._evict_lock:  # what this capture finds stored stays until its rows exist
-            self._hold(digests)
+        with self._holds.lock:  # what this capture finds stored stays until its rows exist
+            self._holds.hold(digests)
         try:
             self._store_new(catalog, hashes, digests, buffer)
         finally:
-            with self._evict_lock:
-                self._unhold(digests)
+            with self._holds.lock:
+                self._holds.release(digests)
 
     def _store_new(
         self, catalog: Catalog, hashes: list[bytes], digests: list[bytes], buffer: StagingBuffer
@@ -461,29 +460,17 @@ class CwmWorker:
         wanted = job.block_hashes[: max(0, budget // self.layout.block_bytes)]
         if len(wanted) < len(job.block_hashes):
             self.stats.add("stage_budget_cut_blocks", len(job.block_hashes) - len(wanted))
-        with self._evict_lock:  # found and pinned in one step: eviction cannot come between
+        with self._holds.lock:  # found and held in one step: eviction cannot come between
             found = self.store.digests_for(catalog, self.fp_id, wanted)
             digests = _leading([found.get(h) for h in wanted])
-            self._hold(digests)
+            self._holds.hold(digests)
         try:
             return self._read_staged(catalog, job, wanted, digests)
         finally:
-            with self._evict_lock:
-                self._unhold(digests)
+            with self._holds.lock:
+                self._holds.release(digests)
             with self._lock:
                 self._used.update(digests)
-
-    def _hold(self, digests: Sequence[bytes]) -> None:
-        """Keep these blobs from eviction (caller holds `_evict_lock`)."""
-        for dig in digests:
-            self._reading[dig] = self._reading.get(dig, 0) + 1
-
-    def _unhold(self, digests: Sequence[bytes]) -> None:
-        """Release `_hold` (caller holds `_evict_lock`)."""
-        for dig in digests:
-            left = self._reading.pop(dig) - 1
-            if left:
-                self._reading[dig] = left
 
     def _read_staged(
         self, catalog: Catalog, job: StageJob, wanted: list[bytes], digests: list[bytes]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Set
+import threading
+from collections.abc import Iterable, Set
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 from cwm_connector.errors import StoreFullError
 from cwm_connector.stats import Stats
@@ -30,6 +32,42 @@ from cwm_connector.store.eviction import (
 logger = logging.getLogger("vllm.cwm.store")
 
 MAX_ROUNDS = 64  # eviction rounds per write (each frees up to BATCH blobs)
+
+
+class BlobHolds:
+    """Blobs this process reads or is about to name in rows: eviction leaves them alone.
+
+    One per store directory and process (`holds_for`): every worker of the process (one
+    per KV-cache group) holds through it, so one group's eviction never takes a blob
+    another group is staging. Callers hold `lock` while they look blobs up and hold them,
+    as an eviction round does while it picks and deletes.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[bytes, int] = {}
+
+    def hold(self, digests: Iterable[bytes]) -> None:
+        """Keep these blobs (caller holds `lock`)."""
+        for dig in digests:
+            self.counts[dig] = self.counts.get(dig, 0) + 1
+
+    def release(self, digests: Iterable[bytes]) -> None:
+        """Undo `hold` (caller holds `lock`)."""
+        for dig in digests:
+            left = self.counts.pop(dig) - 1
+            if left:
+                self.counts[dig] = left
+
+
+_holds: dict[str, BlobHolds] = {}
+_holds_lock = threading.Lock()
+
+
+def holds_for(root: Path) -> BlobHolds:
+    """This process's holds on the store at `root`."""
+    with _holds_lock:
+        return _holds.setdefault(str(root.resolve()), BlobHolds())
 
 
 class DiskBudget:

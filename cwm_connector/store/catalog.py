@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cwm_connector.errors import StoreError
-from cwm_connector.store import catalog_windows
+from cwm_connector.store import catalog_windows, wal_checkpoint
 from cwm_connector.store.catalog_db import (
     MAX_SQL_VARS,
     USAGE_SQL,
@@ -60,6 +60,11 @@ class Catalog:
         if self._conn is None:
             raise CatalogUnavailable(self.error or f"catalog {self.path} is closed")
         return self._conn
+
+    def defer_checkpoints(self) -> None:
+        """Leave WAL checkpoints to a store.wal_checkpoint.Checkpointer (control ops)."""
+        if self._conn is not None:
+            wal_checkpoint.defer_checkpoints(self._conn)
 
     def close(self) -> None:
         """Close the connection."""

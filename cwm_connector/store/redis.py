@@ -32,12 +32,12 @@ expires). Keys of the first layout (`<prefix>:blob:<hex>`, `<prefix>:blk:<fp>:
 Errors. Redis down, slow, flapping or answering errors must never stall or crash
 the engine. Reads (`get_*`, `has_blobs`, `window_names`) never raise: a failure is
 a miss, counted in `errors`, logged once per outage. A connection-level failure
-opens a circuit breaker: for `cooldown_s` every call returns at once without
-touching the network; the next call after that tries again (redis-py reconnects
-by itself). An error reply for one key (say WRONGTYPE) is a miss for that key
-only and does not open the breaker. Writes, pins, `usage` and `gc` raise
-`StoreError` (retryable) on any failure and while the breaker is open; callers
-treat it as a future miss.
+opens a circuit breaker (`redis_breaker.py`): for `cooldown_s` every call returns
+at once without touching the network; the next call after that tries again
+(redis-py reconnects by itself). An error reply for one key (say WRONGTYPE) is a
+miss for that key only and does not open the breaker. Writes, pins, `usage` and
+`gc` raise `StoreError` (retryable) on any failure and while the breaker is open;
+callers treat it as a future miss.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from cwm_connector.errors import ConfigError, StoreError
 from cwm_connector.stats import Stats
 from cwm_connector.store import redis_lua as lua
 from cwm_connector.store import redis_upkeep
+from cwm_connector.store.redis_breaker import Breaker
 from cwm_connector.store.redis_pipe import (
     CHUNK_KEYS,
     Client,
@@ -77,7 +78,6 @@ logger = logging.getLogger(__name__)
 BLOB_CHUNK_KEYS = 8  # blobs per pipeline (2 MB of 256 KB blocks): chunks run in parallel
 READ_SIZE = 4 << 20  # bytes per recv: fewer GIL hand-offs per blob (the engine holds the GIL)
 NUM_RETRIES = 0  # redis-py's own retries; the breaker retries later instead of stalling now
-DATA_ERROR_LOG_INTERVAL_S = 60.0  # per-key error replies are logged at most this often
 DEFAULT_TTL_S = 604_800.0  # a week, as CwmConfig.redis_ttl_s
 COUNTER_NAMES = (
     "hits",  # blobs found by get_blobs
@@ -124,7 +124,6 @@ class RedisTier:
         self.ttl_s = ttl_s
         self.socket_timeout_s = socket_timeout_s
         self.cooldown_s = cooldown_s
-        self._clock = clock
         self._where = urlsplit(url).netloc.rpartition("@")[2]  # never log a password
         self._stats = Stats(None)
         for name in COUNTER_NAMES:
@@ -132,10 +131,7 @@ class RedisTier:
         self._lock = threading.Lock()
         self._client: Client | None = None
         self._pipes = Pipes()
-        self._open_until = 0.0  # the breaker is open while clock() < this
-        self._in_outage = False
-        self._stale_topology = False  # a cluster's slot table is re-read after an outage
-        self._last_data_error_log = -DATA_ERROR_LOG_INTERVAL_S
+        self._breaker = Breaker(self._where, cooldown_s, self._stats, clock, logger)
         self._window_index = f"{prefix}:{{windows}}:index"
 
     @property
@@ -174,14 +170,14 @@ class RedisTier:
         pending = Pending()
         commands = self._refreshed("GET", map(self.blob_key, digests))
         chunk = 2 * BLOB_CHUNK_KEYS  # even: a GET and its PEXPIRE stay in one job
-        if not self.available():
-            self._stats.add("skipped")
+        try:  # no network on Redis; a cluster client reads the slot table when first made
+            self._breaker.check()
+            jobs = self._pipes.split(self._connect(), commands, chunk)
+        except StoreError:
             pending.add(digests, done({}))
             return pending
-        try:  # no network on Redis; a cluster client reads the slot table when first made
-            jobs = self._pipes.split(self._connect(), commands, chunk)
         except Exception as exc:  # as in _guard: redis-py raises RedisError, OSError, ...
-            self._outage("get_blobs", exc)
+            self._breaker.outage("get_blobs", exc)
             pending.add(digests, done({}))
             return pending
         for _conn, indexes in jobs:
@@ -353,7 +349,7 @@ class RedisTier:
 
     def available(self) -> bool:
         """False while the circuit breaker is open (within cooldown_s after a failure)."""
-        return self._clock() >= self._open_until
+        return self._breaker.available()
 
     def counters(self) -> dict[str, int]:
         """hits, misses, block_hits, block_misses, errors, outages, skipped, bytes_*, ..."""
@@ -392,71 +388,30 @@ class RedisTier:
             replies = self._guard(what, lambda c: self._pipes.run(c, commands, chunk, parallel))
         except StoreError:
             return [None] * len(commands)
-        return self._drop_errors(what, replies, read=True)
+        return self._breaker.drop_errors(what, replies, read=True)
 
     def _write(self, what: str, commands: list[Command], chunk: int = CHUNK_KEYS) -> list[Any]:
         """Run commands for a write; raise StoreError on any failure."""
         replies = self._guard(what, lambda c: self._pipes.run(c, commands, chunk))
-        return self._drop_errors(what, replies, read=False)
+        return self._breaker.drop_errors(what, replies, read=False)
 
     def _guard(self, what: str, call: Callable[[Client], T]) -> T:
         """Run one call through the breaker; StoreError on failure or while it is open."""
-        if not self.available():
-            self._stats.add("skipped")
-            raise StoreError(f"Redis at {self._where} is unavailable (cooling down)")
+        self._breaker.check()
         try:
             client = self._connect()
-            if self._stale_topology and isinstance(client, RedisCluster):
+            if self._breaker.stale_topology and isinstance(client, RedisCluster):
                 client.nodes_manager.initialize()  # nodes may have moved during the outage
-            self._stale_topology = False
+            self._breaker.stale_topology = False
             result = call(client)
         except Exception as exc:  # redis-py raises RedisError, RedisClusterException, OSError
             if is_reply_error(exc):
-                self._reply_errors(what, [exc])
+                self._breaker.reply_errors(what, [exc])
             else:
-                self._outage(what, exc)
+                self._breaker.outage(what, exc)
             raise StoreError(f"Redis {what} failed: {type(exc).__name__}: {exc}") from exc
-        self._recovered()
+        self._breaker.recovered()
         return result
-
-    def _drop_errors(self, what: str, replies: list[Any], read: bool) -> list[Any]:
-        """Replace error replies (one key's WRONGTYPE, say) with None: misses, no breaker."""
-        errors = [r for r in replies if isinstance(r, Exception)]
-        if not errors:
-            return replies
-        self._reply_errors(what, errors)
-        first = errors[0]
-        if not read:
-            raise StoreError(f"Redis {what} failed: {type(first).__name__}: {first}")
-        return [None if isinstance(r, Exception) else r for r in replies]
-
-    def _reply_errors(self, what: str, errors: Sequence[BaseException]) -> None:
-        """Count error replies; log them at most every DATA_ERROR_LOG_INTERVAL_S."""
-        self._stats.add("errors")
-        now = self._clock()
-        if now - self._last_data_error_log >= DATA_ERROR_LOG_INTERVAL_S:
-            self._last_data_error_log = now
-            logger.warning("Redis %s: %d error replies, e.g. %s", what, len(errors), errors[0])
-
-    def _outage(self, what: str, exc: BaseException) -> None:
-        """Count a failure and open the breaker; log only the first failure of an outage."""
-        self._stats.add("errors")
-        with self._lock:
-            self._open_until = self._clock() + self.cooldown_s
-            self._stale_topology = True
-            first, self._in_outage = not self._in_outage, True
-        if first:
-            self._stats.add("outages")
-            msg = "Redis at %s unavailable (%s: %r); reads are misses, retrying every %.1f s"
-            logger.warning(msg, self._where, what, exc, self.cooldown_s)
-
-    def _recovered(self) -> None:
-        if not self._in_outage:  # the common case, without the lock
-            return
-        with self._lock:
-            was, self._in_outage = self._in_outage, False
-        if was:
-            logger.warning("Redis at %s is reachable again", self._where)
 
 
 def _pins(key: str) -> str:

@@ -63,7 +63,7 @@ class AdminOps:
         """Whether each part works: catalog, disk (writable, free space), Redis, workers."""
         components = {
             "control_socket": {"ok": True},
-            "catalog": self._check(lambda: {"windows": len(self.rec.catalog.window_names())}),
+            "catalog": self._check(lambda: {"windows": self.rec.catalog.count_windows()}),
             "disk": self._check(self._disk_health),
             "redis": self._redis_health(),
             "workers": self._workers_health(),

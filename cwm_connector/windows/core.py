@@ -39,6 +39,7 @@ class CoreOps:
         stats: Callable[[], dict[str, Any]],
         channels: ThawStager | None = None,
         failed_captures: Callable[[list[bytes]], int] | None = None,
+        in_flight: Callable[[list[bytes]], int] | None = None,
         freeze_timeout_s: float = 60.0,
     ):
         self.rec = rec
@@ -46,6 +47,8 @@ class CoreOps:
         self._detokenize = detokenize
         self._stats = stats
         self._failed_captures = failed_captures or (lambda hashes: 0)
+        # None: no scheduler answers (tests, offline); a block is then waited for
+        self._in_flight = in_flight
         self.freeze_timeout_s = freeze_timeout_s
 
     def ping(self) -> dict[str, Any]:
@@ -287,6 +290,24 @@ class CoreOps:
             missing += [h for h in hashes if h not in stored]
         return missing
 
+    def _check_not_lost(self, wanted: list[bytes], total: int) -> None:
+        """Missing blocks no capture will bring (evicted from the store since they were
+        captured, or dropped as damaged): not_durable at once, not after the timeout."""
+        assert self._in_flight is not None
+        if self._in_flight(wanted):
+            return
+        found = self.rec.catalog.digests_for_engine(self.rec.group_engine_ids[0], wanted)
+        lost = len(set(wanted) - set(found))  # a capture may have landed since the lookup
+        if lost:
+            raise WindowError(
+                f"{lost} of {total} blocks of this session are no longer in the store (evicted "
+                "as least recently used under disk_bytes/disk_min_free, or dropped as damaged) "
+                "and no capture of them is running; send the session's next request (it "
+                "captures them again), then freeze",
+                code="not_durable",
+                retryable=True,
+            )
+
     def _wait_durable(
         self, hashes: list[bytes], progress: Progress, engine_id: str, fail_fast: bool = True
     ) -> dict[bytes, bytes]:
@@ -300,11 +321,13 @@ class CoreOps:
             # capture's own failure reaches the scheduler only with the next engine step).
             check_capture_room(self.rec, len(set(wanted)), "freezing this session")
             failed = self._failed_captures(wanted) if fail_fast else 0
+            if fail_fast and not failed and wanted and self._in_flight is not None:
+                self._check_not_lost(wanted, len(hashes))
             if failed:
                 raise WindowError(
                     f"capture of {failed} of {len(hashes)} blocks failed (disk full, read-only "
-                    "store or catalog unavailable: see the vLLM log); send the session's next "
-                    "request once it is fixed, then freeze again",
+                    "store, catalog unavailable, or windows filled disk_bytes then: see the vLLM "
+                    "log); send the session's next request once it is fixed, then freeze again",
                     code="capture_failed",
                     retryable=True,
                 )

@@ -29,6 +29,7 @@ from cwm_connector.store.catalog_db import GROUP_STRIDE
 from cwm_connector.store.disk import DiskTier
 from cwm_connector.store.memory import MemoryTier
 from cwm_connector.store.tiered import TieredStore
+from cwm_connector.store.wal_checkpoint import Checkpointer
 from cwm_connector.windows.args import WindowError, tags_arg, text_arg, validate_name
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class WindowRecords:
         self.hash_algo = hash_algo
         self.sessions = sessions
         self.write_lock = threading.Lock()
+        self._checkpointer: Checkpointer | None = None
+        self._checkpointer_lock = threading.Lock()  # not write_lock: delete holds that
         self._local = threading.local()
 
     @property
@@ -78,6 +81,10 @@ class WindowRecords:
         cat = getattr(self._local, "catalog", None)
         if cat is None:
             cat = self._local.catalog = Catalog(catalog_path(self.store_dir))
+            if cat.writable:  # an op's commit never pays for a checkpoint: a thread does
+                cat.defer_checkpoints()
+                with self._checkpointer_lock:
+                    self._checkpointer = self._checkpointer or Checkpointer(cat.path, self)
         return cat
 
     def row(

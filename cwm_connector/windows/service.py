@@ -49,6 +49,7 @@ class WindowService:
         auto: AutoFreezer | None = None,
         latency: Callable[[str, float], None] | None = None,
         failed_captures: Callable[[list[bytes]], int] | None = None,
+        in_flight: Callable[[list[bytes]], int] | None = None,
         freeze_timeout_s: float = 60.0,
         group_engine_ids: list[str] | None = None,
         budget: DiskBudget | None = None,
@@ -60,7 +61,8 @@ class WindowService:
         )  # fmt: skip
         self.core = CoreOps(
             self.records, detokenize=detokenize, stats=stats, channels=channels,
-            failed_captures=failed_captures, freeze_timeout_s=freeze_timeout_s,
+            failed_captures=failed_captures, in_flight=in_flight,
+            freeze_timeout_s=freeze_timeout_s,
         )  # fmt: skip
         self.admin = AdminOps(self.records, self.core, stats=stats, channels=channels, auto=auto)
         self.transfer = TransferOps(self.records)

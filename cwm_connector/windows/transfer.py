@@ -167,6 +167,13 @@ class TransferOps:
             self.rec.insert(
                 row, blocks, block_rows=block_rows, blob_rows=blob_rows, indices=indices
             )
+            # A blob found stored above may have been evicted (another process's capture
+            # thread) before the window's rows pinned it: write it again, now pinned.
+            for i, dig in enumerate(digests):
+                if not cat.has_blob(dig) and dig not in written:
+                    stored = self.rec.disk.put(dig, [_verified_row(export, i, dig)])
+                    written.append(dig)
+                    cat.add_blocks("", [], [(dig, export.block_bytes, stored, "none")])
         except BaseException:
             for dig in written:  # never leave files of a refused import (unless now in use)
                 if not self.rec.catalog.has_blob(dig):

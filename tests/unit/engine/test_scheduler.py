@@ -219,6 +219,15 @@ def test_a_second_thaw_of_a_window_replaces_and_drops_the_first_job() -> None:
     assert sched.build_plan().loads[0].job_id == second
 
 
+def test_captures_in_flight_until_their_report() -> None:
+    sched, _ = make(set())
+    hs = hashes(2)
+    assert sched.request_finished("r", "salt", hs, 2 * BS, [1, 2]) is True
+    assert sched.captures_in_flight(hs) == 2
+    sched.apply_report(WorkerReport(rank=0, stored=[hs[0]], store_failed=[hs[1]]))
+    assert sched.captures_in_flight(hs) == 0
+
+
 def test_failed_captures_are_remembered_until_stored() -> None:
     sched, _ = make(set())
     hs = hashes(3)

@@ -224,17 +224,17 @@ def test_failed_claim_and_overwrite_release_their_pins(
 
 
 def test_cache_expires_and_windows_do_not(url: str, tmp_path: Path) -> None:
-    server = Server(url, new_prefix(), tmp_path, ttl_s=1.0)
+    server = Server(url, new_prefix(), tmp_path, ttl_s=3.0)
     try:
         cache, pinned = server.capture(raws(3)), server.capture(raws(3))
         server.store.upload(FP, list(zip(chain([0, 1, 2], "live"), cache, strict=True)))
         assert server.freeze("w", "s1", pinned)
         tier = server.redis
-        assert 0 < pttl(url, tier.blob_key(cache[0])) <= 1000
-        assert 0 < pttl(url, tier.block_key(FP, chain([0], "live")[0])) <= 1000
+        assert 0 < pttl(url, tier.blob_key(cache[0])) <= 3000
+        assert 0 < pttl(url, tier.block_key(FP, chain([0], "live")[0])) <= 3000
         assert pttl(url, tier.blob_key(pinned[0])) == -1
         assert pttl(url, tier.window_key("w")) == -1
-        time.sleep(1.3)
+        time.sleep(3.2)
         assert tier.get_blobs(cache) == {} and tier.get_blocks(FP, chain([0, 1, 2], "live")) == {}
         assert set(tier.get_blobs(pinned)) == set(pinned)
         assert server.shared.fetch("w") is not None
@@ -244,21 +244,23 @@ def test_cache_expires_and_windows_do_not(url: str, tmp_path: Path) -> None:
 
 
 def test_reads_and_writes_restart_the_ttl(url: str, tmp_path: Path) -> None:
-    server = Server(url, new_prefix(), tmp_path, ttl_s=1.0)
+    server = Server(url, new_prefix(), tmp_path, ttl_s=3.0)
     try:
         digests = server.capture(raws(2))
         hashes = chain([0, 1], "live")
         server.store.upload(FP, list(zip(hashes, digests, strict=True)))
         tier = server.redis
-        for _ in range(3):  # 1.8 s in all: alive only because each read restarted the TTL
-            time.sleep(0.6)
+        for _ in range(3):  # 4.5 s in all: alive only because each read restarted the TTL
+            time.sleep(1.5)
             assert tier.get_blocks(FP, hashes[:1]) == {hashes[0]: digests[0]}
             assert set(tier.get_blobs(digests[:1])) == {digests[0]}
             assert tier.has_blobs(digests[1:]) == {digests[1]}  # upload's existence check
-            assert pttl(url, tier.blob_key(digests[0])) > 800
+            assert pttl(url, tier.blob_key(digests[0])) > 2000
         assert tier.get_blocks(FP, hashes[1:]) == {}  # never read: expired
+        time.sleep(2.0)  # down to at most 1 s left
         server.store.upload(FP, list(zip(hashes, digests, strict=True)))  # a write restarts it
-        assert pttl(url, tier.blob_key(digests[0])) > 800
+        assert pttl(url, tier.blob_key(digests[0])) > 2000
+        assert pttl(url, tier.block_key(FP, hashes[1])) > 2000  # re-mapped as cache
     finally:
         server.close()
 

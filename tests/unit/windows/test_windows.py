@@ -354,6 +354,28 @@ def test_freeze_fails_fast_when_the_capture_failed(tmp_path: Path) -> None:
     assert svc.records.catalog.get_window("w") is None
 
 
+def test_freeze_of_evicted_blocks_fails_at_once_unless_a_capture_runs(tmp_path: Path) -> None:
+    import time
+
+    svc = make_service(tmp_path)
+    svc.core.freeze_timeout_s = 30.0
+    hashes = block_hash_chain(list(range(96)), BS, "s", "sha256")
+    svc.records.sessions.record("s", list(range(96)), hashes)  # its blocks left the store
+    running = {hashes[2]}
+    svc.core._in_flight = lambda wanted: sum(1 for h in wanted if h in running)
+    svc.core.freeze_timeout_s = 0.5  # a capture in flight is waited for (here: in vain)
+    with pytest.raises(CwmError) as err:
+        svc.core.freeze("s", "w")
+    assert "not durable after" in err.value.message
+    running.clear()  # nothing will bring them back: refused at once
+    svc.core.freeze_timeout_s = 30.0
+    started = time.monotonic()
+    with pytest.raises(CwmError) as err:
+        svc.core.freeze("s", "w")
+    assert err.value.code == "not_durable" and "no longer in the store" in err.value.message
+    assert time.monotonic() - started < 5 and svc.records.catalog.get_window("w") is None
+
+
 def test_sliding_window_session_freezes_clones_and_travels_from_its_first_block(
     tmp_path: Path,
 ) -> None:
