@@ -67,7 +67,7 @@ def run_store(
     cfg = CwmConfig.resolve({k: v for k, v in given.items() if v is not None})
     store = cfg.store_path
     failure: CwmError | None = None
-    redis_op: Callable[[str], dict[str, Any]] | None = None
+    redis_op: Callable[[str, float], dict[str, Any]] | None = None
     if args.store_command == "du":
         disk = upkeep.disk_usage(store, cfg.disk_bytes)
         disk["min_free_bytes"] = cfg.min_free_bytes(disk["fs_total_bytes"])
@@ -87,7 +87,7 @@ def run_store(
     result: dict[str, Any] = {"store_dir": str(store), "disk": disk, "redis": None}
     if redis_op is not None and cfg.redis_url:
         try:
-            result["redis"] = redis_op(cfg.redis_url)
+            result["redis"] = redis_op(cfg.redis_url, cfg.redis_ttl_s)  # $CWM_REDIS_TTL_S
         except CwmError as exc:
             result["redis"] = {"error": exc.to_dict()}
             failure = failure or exc

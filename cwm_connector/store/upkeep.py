@@ -199,20 +199,20 @@ def blob_files(disk: DiskTier) -> Iterator[BlobFile]:
                     yield BlobFile(digest, entry.path, st.st_size, st.st_mtime)
 
 
-def redis_usage(url: str) -> dict[str, Any]:
+def redis_usage(url: str, ttl_s: float) -> dict[str, Any]:
     """The Redis tier's keys and bytes by kind (windows, pinned, cache, block maps)."""
-    return _redis_call(url, "usage")
+    return _redis_call(url, ttl_s, "usage")
 
 
-def redis_gc(url: str) -> dict[str, Any]:
-    """Expired cache and orphan block maps removed from Redis now."""
-    return _redis_call(url, "gc")
+def redis_gc(url: str, ttl_s: float) -> dict[str, Any]:
+    """Orphan block maps removed and cache keys given `ttl_s` in Redis now."""
+    return _redis_call(url, ttl_s, "gc")
 
 
-def _redis_call(url: str, method: str) -> dict[str, Any]:
+def _redis_call(url: str, ttl_s: float, method: str) -> dict[str, Any]:
     from cwm_connector.store.redis import RedisTier  # redis-py only when a URL is given
 
-    tier = RedisTier(url, socket_timeout_s=5.0)
+    tier = RedisTier(url, socket_timeout_s=5.0, ttl_s=ttl_s)
     try:
         if not hasattr(tier, method):  # older tiers: say so rather than guess
             raise StoreError(f"this Redis tier has no {method}()", code="unsupported")
