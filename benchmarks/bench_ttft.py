@@ -194,6 +194,7 @@ class Sweep:
         # Restores that found no external hit (recomputed): kept apart from the tier's samples.
         self.recomputed: dict[int, dict[str, list[float]]] = {n: {} for n in args.lengths}
         self.warnings: dict[str, list[str]] = {}
+        self.restarts: list[str] = []
         self.stats: dict[str, dict[str, int]] = {}
 
     def server(self, name: str, store: Path, redis_url: str = "") -> VllmServer:
@@ -203,7 +204,12 @@ class Sweep:
             max_model_len=self.max_len, kv_cache_gb=self.args.kv_cache_gb,
         )  # fmt: skip
         print(f"  starting server {name} ...", flush=True)
-        srv.start()
+        try:
+            srv.start()
+        except (RuntimeError, TimeoutError) as exc:  # a shared, busy machine: try once more
+            print(f"  server {name} did not start ({exc}); once more", flush=True)
+            self.restarts.append(f"{name}: {exc}")
+            srv.start()
         srv.complete(self.warm, None, max_tokens=1)  # first-call overheads, not measured
         return srv
 
@@ -340,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             "restore_checks": sweep.checks,
             "capture": captured, "restart": restart,
             "store_stats": sweep.stats, "cwm_warnings": sweep.warnings,
+            "server_start_retries": sweep.restarts,
             "wall_s": round(time.monotonic() - started, 1),
         }  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,23 +42,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def single() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    with RedisCluster() as nodes:
-        yield nodes
-
-
-@pytest.fixture(params=["single", "cluster"])
-def url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue(request.param).url
-
-
 @pytest.fixture
 def tier(url: str) -> Iterator[RedisTier]:
     tier = RedisTier(url, prefix=f"t{uuid.uuid4().hex[:8]}")  # each test its own keys

@@ -19,7 +19,7 @@ import msgpack
 import pytest
 import redis
 from redis.cluster import RedisCluster as ClusterClient
-from redis_servers import RedisCluster, RedisServer, free_port, redis_available
+from redis_servers import RedisServer, free_port, redis_available
 
 from cwm_connector.errors import CwmError, StoreError
 from cwm_connector.stats import Stats
@@ -37,23 +37,6 @@ pytestmark = [
 
 FP = "fp-rank0"
 Blocks = list[tuple[bytes, bytes]]
-
-
-@pytest.fixture(scope="module")
-def single() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    with RedisCluster() as nodes:
-        yield nodes
-
-
-@pytest.fixture(params=["single", "cluster"])
-def url(request: pytest.FixtureRequest) -> str:
-    return request.getfixturevalue(request.param).url
 
 
 def chain(token_ids: list[int], salt: str) -> list[bytes]:
