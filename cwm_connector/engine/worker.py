@@ -59,6 +59,7 @@ logger = logging.getLogger("vllm.cwm.worker")
 NUM_READERS = 2  # parallel blob reads while staging
 CATALOG_RETRY_S = 10.0  # an unavailable catalog is reopened at most this often (capture)
 PREWARM_BYTES = 256 << 20  # staging memory prefaulted at start (fresh pages cost more than a copy)
+REDIS_COPY_TIMEOUT_S = 5.0  # write-behind copies to Redis (a background thread): patient
 UPKEEP_S = 2.0  # the capture thread records blob use and checks the disk budget this often
 
 
@@ -105,7 +106,10 @@ class CwmWorker:
         self.memory = MemoryTier(cfg.memory_bytes)
         self.catalog_path = catalog_path(root)
         self.stats = stats or Stats(root / "stats" / f"worker-rank{rank}.json")
-        self.store = TieredStore(self.memory, self.disk, _redis_tier(cfg), self.stats)
+        self.store = TieredStore(
+            self.memory, self.disk, _redis_tier(cfg), self.stats,
+            writer=_redis_tier(cfg, REDIS_COPY_TIMEOUT_S),
+        )  # fmt: skip
         self.budget = DiskBudget(self.disk, cfg.disk_bytes, cfg.disk_min_free, self.stats)
         self._used: set[bytes] = set()  # blobs staged or captured again since the last upkeep
         self._holds = holds_for(root)  # blobs being read or named now: never evicted
@@ -593,13 +597,13 @@ class CwmWorker:
             self.stats.add("prestage_expired_jobs", len(expired))
 
 
-def _redis_tier(cfg: CwmConfig) -> RedisTier | None:
-    """The Redis tier of cfg.redis_url (None when unset)."""
+def _redis_tier(cfg: CwmConfig, socket_timeout_s: float = 0.25) -> RedisTier | None:
+    """The Redis tier of cfg.redis_url (None when unset); restores keep the short timeout."""
     if not cfg.redis_url:
         return None
     from cwm_connector.store.redis import RedisTier
 
-    return RedisTier(cfg.redis_url, ttl_s=cfg.redis_ttl_s)
+    return RedisTier(cfg.redis_url, ttl_s=cfg.redis_ttl_s, socket_timeout_s=socket_timeout_s)
 
 
 def _leave_forward_cores() -> None:

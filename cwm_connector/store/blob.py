@@ -101,8 +101,12 @@ def decode_payload(header: BlobHeader, payload: Buffer) -> Buffer:
     return payload
 
 
-def unpack_into(data: Buffer, expected_digest: bytes, segments: Sequence[memoryview]) -> None:
-    """Decode a whole blob (header + payload, as Redis holds it) into segments and verify it."""
+def unpack_into(data: Buffer, expected_digest: bytes, segments: Sequence[memoryview]) -> memoryview:
+    """Decode a whole blob (header + payload, as Redis holds it) into segments and verify it.
+
+    Returns the raw bytes it copied from (a view into `data` for codec none), which
+    hold what the segments hold once this returns.
+    """
     view = memoryview(data)
     header = parse_header(view[:HEADER_SIZE])
     if header.digest != expected_digest:
@@ -115,6 +119,7 @@ def unpack_into(data: Buffer, expected_digest: bytes, segments: Sequence[memoryv
         segment[:] = raw[offset : offset + len(segment)]
         offset += len(segment)
     verify_segments(header, segments)
+    return raw
 
 
 def verify_segments(header: BlobHeader, segments: Sequence[Buffer]) -> None:

@@ -58,6 +58,7 @@ from redis.retry import Retry
 
 from cwm_connector.errors import ConfigError, StoreError
 from cwm_connector.stats import Stats
+from cwm_connector.store import redis_bulk as bulk
 from cwm_connector.store import redis_lua as lua
 from cwm_connector.store import redis_upkeep
 from cwm_connector.store.redis_breaker import Breaker
@@ -67,6 +68,7 @@ from cwm_connector.store.redis_pipe import (
     Command,
     Pending,
     Pipes,
+    Value,
     done,
     is_reply_error,
 )
@@ -155,7 +157,7 @@ class RedisTier:
 
     # --- blobs ----------------------------------------------------------------------------
 
-    def get_blobs(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
+    def get_blobs(self, digests: Sequence[bytes]) -> dict[bytes, Value]:
         """The blobs found, by digest (absent or failed ones omitted); never raises."""
         return self.prefetch_blobs(digests).all()
 
@@ -180,16 +182,33 @@ class RedisTier:
             self._breaker.outage("get_blobs", exc)
             pending.add(digests, done({}))
             return pending
-        for _conn, indexes in jobs:
+        for node, indexes in jobs:
             keys = [digests[i // 2] for i in indexes if i % 2 == 0]
-            job = functools.partial(self._read_blobs, keys, [commands[i] for i in indexes])
+            job = functools.partial(self._read_blobs, node, keys, [commands[i] for i in indexes])
             pending.add(keys, done(job()) if len(jobs) == 1 else self._pipes.submit(job))
         return pending
 
-    def _read_blobs(self, digests: list[bytes], commands: list[Command]) -> dict[bytes, bytes]:
-        """One chunk of prefetch_blobs (GET, PEXPIRE pairs), run on one connection."""
-        replies = self._read("get_blobs", commands, len(commands), parallel=False)
-        found = {d: v for d, v in zip(digests, replies[::2], strict=True) if isinstance(v, bytes)}
+    def _read_blobs(
+        self, node: redis.Redis, digests: list[bytes], commands: list[Command]
+    ) -> dict[bytes, Value]:
+        """One chunk of prefetch_blobs (GET, PEXPIRE pairs), run on one node's connection.
+
+        Read by `redis_bulk` (values straight into buffers of their own); a chunk it
+        declines goes through redis-py.
+        """
+        keys = [c[1] for c in commands[::2]]
+        args = (keys, self.ttl_ms, self.socket_timeout_s)
+        try:
+            values = self._guard("get_blobs", lambda _c: bulk.get_values(node, *args))
+        except StoreError:
+            values = [None] * len(keys)
+        if values is None:
+            values = self._read("get_blobs", commands, len(commands), parallel=False)[::2]
+        else:
+            values = self._breaker.drop_errors("get_blobs", values, read=True)
+        found = {
+            d: v for d, v in zip(digests, values, strict=True) if isinstance(v, bytes | memoryview)
+        }
         self._stats.add("hits", len(found))
         self._stats.add("misses", len(digests) - len(found))
         self._stats.add("bytes_read", sum(len(v) for v in found.values()))

@@ -21,6 +21,7 @@ from redis.exceptions import AskError, ClusterError, ResponseError, TryAgainErro
 Client = redis.Redis | RedisCluster
 Command = tuple[Any, ...]
 T = TypeVar("T")
+Value = bytes | memoryview  # a blob as redis-py (bytes) or redis_bulk (a view) read it
 
 CHUNK_KEYS = 256  # commands per pipeline round trip: bounds one reply's size and latency
 NUM_CONNECTIONS = 4  # pipelines in flight at once (threads, each with its own connection)
@@ -133,9 +134,9 @@ class Pending:
     """Blobs of a batch still arriving by chunks: `get(key)` waits only for its own chunk."""
 
     def __init__(self) -> None:
-        self._futures: dict[bytes, Future[dict[bytes, bytes]]] = {}
+        self._futures: dict[bytes, Future[dict[bytes, Value]]] = {}
 
-    def add(self, keys: Sequence[bytes], future: Future[dict[bytes, bytes]]) -> None:
+    def add(self, keys: Sequence[bytes], future: Future[dict[bytes, Value]]) -> None:
         """These keys are answered by this chunk's future (a dict of those found)."""
         for key in keys:
             self._futures[key] = future
@@ -143,14 +144,14 @@ class Pending:
     def __contains__(self, key: object) -> bool:
         return key in self._futures
 
-    def get(self, key: bytes, default: bytes | None = None) -> bytes | None:
+    def get(self, key: bytes, default: Value | None = None) -> Value | None:
         """The value, once its chunk arrived; `default` if absent or failed."""
         future = self._futures.get(key)
         return default if future is None else future.result().get(key, default)
 
-    def all(self) -> dict[bytes, bytes]:
+    def all(self) -> dict[bytes, Value]:
         """Every value found (waits for every chunk)."""
-        out: dict[bytes, bytes] = {}
+        out: dict[bytes, Value] = {}
         for future in {id(f): f for f in self._futures.values()}.values():
             out.update(future.result())
         return out
