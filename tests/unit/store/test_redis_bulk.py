@@ -7,13 +7,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
 from redis._parsers.base import BaseParser
 from redis.exceptions import ResponseError
 from redis_servers import RedisServer, redis_available
+from test_redis import Clock
 
 from cwm_connector.store import blob, redis_bulk
 from cwm_connector.store.redis import RedisTier
@@ -24,22 +24,6 @@ pytestmark = [
 ]
 
 COOLDOWN_S = 2.0
-
-
-class Clock:
-    """A clock the test moves by hand, so cooldowns pass without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def single() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 def test_values_equal_get_and_ttl_restarts(single: RedisServer) -> None:
