@@ -53,7 +53,7 @@ from cwm_connector.engine.vllm_compat import (
     SupportsHMA,
     log_missing,
 )
-from cwm_connector.engine.worker import CwmWorker
+from cwm_connector.engine.worker import CwmWorker, redis_tier
 from cwm_connector.errors import CwmError
 from cwm_connector.stats import Stats, read_stats
 from cwm_connector.store.budget import DiskBudget
@@ -75,7 +75,6 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-    from cwm_connector.store.redis import RedisTier
     from cwm_connector.windows.share import SharedWindows
 
 logger = logging.getLogger("vllm.cwm")
@@ -180,11 +179,7 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
         self._catalog_retry_at = time.monotonic()
         self._sched_stats = Stats(self.cfg.store_path / "stats" / "scheduler.json")
         # The engine thread asks Redis only with a short timeout, behind a circuit breaker.
-        self._redis = _redis_tier(
-            self.cfg.redis_url,
-            socket_timeout_s=SCHEDULER_REDIS_TIMEOUT_S,
-            ttl_s=self.cfg.redis_ttl_s,
-        )
+        self._redis = redis_tier(self.cfg, SCHEDULER_REDIS_TIMEOUT_S)
         redis = self._redis
 
         group_ids = self._group_fp_ids
@@ -285,7 +280,7 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
     def _window_store(self, vllm_config: VllmConfig) -> tuple[TieredStore, SharedWindows | None]:
         """Tiers the window ops read through (disk, then Redis), and Redis sharing if set."""
         disk = DiskTier(self.cfg.store_path)
-        redis = _redis_tier(self.cfg.redis_url, ttl_s=self.cfg.redis_ttl_s)
+        redis = redis_tier(self.cfg)
         store = TieredStore(MemoryTier(1), disk, redis, Stats(None), promote=False)
         if redis is None:
             return store, None
@@ -579,15 +574,6 @@ class _Detokenizer:
                 self._name, trust_remote_code=self._trust
             )
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=False))
-
-
-def _redis_tier(url: str, **kwargs: Any) -> RedisTier | None:
-    """The Redis tier of a redis_url (None when unset)."""
-    if not url:
-        return None
-    from cwm_connector.store.redis import RedisTier
-
-    return RedisTier(url, **kwargs)
 
 
 def _tp_rank() -> int:

@@ -40,7 +40,6 @@ from cwm_connector.engine.plans import CaptureJob, LoadJob, StageJob, StepPlan, 
 from cwm_connector.engine.staging import StagingBuffer
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.stats import Stats
-from cwm_connector.store import blob
 from cwm_connector.store.blob import digest_segments
 from cwm_connector.store.budget import DiskBudget, blob_space, holds_for
 from cwm_connector.store.catalog import Catalog, catalog_path
@@ -107,8 +106,8 @@ class CwmWorker:
         self.catalog_path = catalog_path(root)
         self.stats = stats or Stats(root / "stats" / f"worker-rank{rank}.json")
         self.store = TieredStore(
-            self.memory, self.disk, _redis_tier(cfg), self.stats,
-            writer=_redis_tier(cfg, REDIS_COPY_TIMEOUT_S),
+            self.memory, self.disk, redis_tier(cfg), self.stats,
+            writer=redis_tier(cfg, REDIS_COPY_TIMEOUT_S),
         )  # fmt: skip
         self.budget = DiskBudget(self.disk, cfg.disk_bytes, cfg.disk_min_free, self.stats)
         self._used: set[bytes] = set()  # blobs staged or captured again since the last upkeep
@@ -361,8 +360,7 @@ class CwmWorker:
         try:
             self._store_new(catalog, hashes, digests, buffer)
         finally:
-            with self._holds.lock:
-                self._holds.release(digests)
+            self._holds.release(digests)
 
     def _store_new(
         self, catalog: Catalog, hashes: list[bytes], digests: list[bytes], buffer: StagingBuffer
@@ -374,7 +372,7 @@ class CwmWorker:
         new = {d for d in digests if not (catalog.has_blob(d) and self.disk.contains(d))}
         with self._lock:
             self._used.update(set(digests) - new)  # stored already: used again now
-        incoming = len(new) * blob_space(self.layout.block_bytes, blob.HEADER_SIZE)
+        incoming = len(new) * blob_space(self.layout.block_bytes)
         if not self._upkeep(catalog, incoming):  # windows alone fill the budget
             self.stats.add("store_full_blocks", len(hashes))
             self._report_stored([], hashes)
@@ -471,8 +469,7 @@ class CwmWorker:
         try:
             return self._read_staged(catalog, job, wanted, digests)
         finally:
-            with self._holds.lock:
-                self._holds.release(digests)
+            self._holds.release(digests)
             with self._lock:
                 self._used.update(digests)
 
@@ -597,8 +594,9 @@ class CwmWorker:
             self.stats.add("prestage_expired_jobs", len(expired))
 
 
-def _redis_tier(cfg: CwmConfig, socket_timeout_s: float = 0.25) -> RedisTier | None:
-    """The Redis tier of cfg.redis_url (None when unset); restores keep the short timeout."""
+def redis_tier(cfg: CwmConfig, socket_timeout_s: float = 0.25) -> RedisTier | None:
+    """The Redis tier of cfg.redis_url with its TTL (None when unset); restores and window
+    ops keep the short timeout, the scheduler's lookup a shorter one, copies a long one."""
     if not cfg.redis_url:
         return None
     from cwm_connector.store.redis import RedisTier

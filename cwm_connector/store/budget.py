@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cwm_connector.errors import StoreFullError
 from cwm_connector.stats import Stats
+from cwm_connector.store import blob
 from cwm_connector.store.catalog import Catalog
 from cwm_connector.store.disk import DiskTier
 from cwm_connector.store.eviction import (
@@ -40,7 +41,7 @@ class BlobHolds:
     One per store directory and process (`holds_for`): every worker of the process (one
     per KV-cache group) holds through it, so one group's eviction never takes a blob
     another group is staging. Callers hold `lock` while they look blobs up and hold them,
-    as an eviction round does while it picks and deletes.
+    as an eviction round does while it picks and deletes; `release` takes it itself.
     """
 
     def __init__(self) -> None:
@@ -53,11 +54,12 @@ class BlobHolds:
             self.counts[dig] = self.counts.get(dig, 0) + 1
 
     def release(self, digests: Iterable[bytes]) -> None:
-        """Undo `hold` (caller holds `lock`)."""
-        for dig in digests:
-            left = self.counts.pop(dig) - 1
-            if left:
-                self.counts[dig] = left
+        """Undo `hold` (takes `lock` itself)."""
+        with self.lock:
+            for dig in digests:
+                left = self.counts.pop(dig) - 1
+                if left:
+                    self.counts[dig] = left
 
 
 _holds: dict[str, BlobHolds] = {}
@@ -157,6 +159,7 @@ class DiskBudget:
         )
 
 
-def blob_space(raw_bytes: int, header_bytes: int) -> int:
-    """The most a blob of `raw_bytes` can take on disk (uncompressed, whole fs blocks)."""
-    return on_disk_bytes(raw_bytes + header_bytes)
+def blob_space(raw_bytes: int) -> int:
+    """The most a blob of `raw_bytes` can take on disk (uncompressed, with its header, in
+    whole filesystem blocks)."""
+    return on_disk_bytes(blob.HEADER_SIZE + raw_bytes)

@@ -22,7 +22,6 @@ from cwm_connector.engine.fingerprint import canonical_json, differing_fields
 from cwm_connector.engine.sessions import SessionTable
 from cwm_connector.errors import BlobCorruptError, BlobMissingError, CwmError
 from cwm_connector.stats import Stats
-from cwm_connector.store import blob
 from cwm_connector.store.budget import DiskBudget, blob_space
 from cwm_connector.store.catalog import Catalog, catalog_path
 from cwm_connector.store.catalog_db import GROUP_STRIDE
@@ -291,6 +290,6 @@ def check_capture_room(rec: WindowRecords, num_blocks: int, what: str) -> None:
     if rec.budget is None or not num_blocks:
         return
     raw = rec.catalog.any_blob_raw_bytes()
-    room = rec.budget.room(rec.catalog, num_blocks * blob_space(raw, blob.HEADER_SIZE))
+    room = rec.budget.room(rec.catalog, num_blocks * blob_space(raw))
     if raw and not room.fits:
         raise rec.budget.full_error(room, what)

@@ -19,7 +19,6 @@ import msgpack
 
 from cwm_connector.engine.fingerprint import differing_fields
 from cwm_connector.engine.hash_chain import block_hash_chain
-from cwm_connector.store import blob
 from cwm_connector.store.blob import digest as blob_digest
 from cwm_connector.store.budget import blob_space
 from cwm_connector.windows.args import Progress, WindowError, no_progress, user_path, validate_name
@@ -144,7 +143,7 @@ class TransferOps:
         cat = self.rec.catalog
         # A file without its row (an orphan a crash left) is written again, row and all.
         new = {d for d in digests if not (self.rec.disk.contains(d) and cat.has_blob(d))}
-        space = len(new) * blob_space(export.block_bytes, blob.HEADER_SIZE)
+        space = len(new) * blob_space(export.block_bytes)
         make_room(self.rec, space, f"importing {name!r}", set(digests))  # or store_full
         try:
             for i, dig in enumerate(digests):
