@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -38,7 +39,7 @@ from cwm_connector.engine.kv_groups import (
     group_layer_names,
     restore_plan,
 )
-from cwm_connector.engine.plans import StepPlan, WorkerReport
+from cwm_connector.engine.plans import StepPlan, StoredHashes, WorkerReport
 from cwm_connector.engine.prom import CwmPromMetrics, CwmStats, DeltaTracker
 from cwm_connector.engine.scheduler import CwmScheduler
 from cwm_connector.engine.sessions import SessionTable
@@ -181,6 +182,10 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
         # The engine thread asks Redis only with a short timeout, behind a circuit breaker.
         self._redis = redis_tier(self.cfg, SCHEDULER_REDIS_TIMEOUT_S)
         redis = self._redis
+        if redis is not None:  # the first lookup pays no connect (in the background)
+            threading.Thread(
+                target=redis.warm, args=(1,), name="cwm-redis-warm", daemon=True
+            ).start()
 
         group_ids = self._group_fp_ids
 
@@ -189,13 +194,13 @@ class CWMConnector(KVConnectorBase_V1, SupportsHMA):
                 return set()
             catalog = self._engine_catalog()
             engine_id = group_ids[group]
-            found = catalog.stored_hashes(engine_id, hashes)
+            found = StoredHashes(catalog.stored_hashes(engine_id, hashes))
             if redis is not None and len(found) < len(hashes):
                 rest = [h for h in hashes if h not in found]
-                per_rank = [set(redis.get_blocks(fp, rest)) for fp in catalog.engine_fp_ids(
-                    engine_id)]  # fmt: skip
-                if per_rank:
-                    found |= set.intersection(*per_rank)
+                found.remote = {fp: redis.get_blocks(fp, rest)
+                                for fp in catalog.engine_fp_ids(engine_id)}  # fmt: skip
+                if found.remote:
+                    found |= set.intersection(*(set(m) for m in found.remote.values()))
             return found
 
         self._scheduler = CwmScheduler(

@@ -1,10 +1,11 @@
 """Plain dataclasses that cross the scheduler/worker boundary (pickled by vLLM each step).
 
-They carry block ids, block hashes and job ids: never KV bytes.
+They carry block ids, block hashes, digests and job ids: never KV bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -17,12 +18,29 @@ class CaptureJob:
     block_hashes: list[bytes]
 
 
+class StoredHashes(set[bytes]):
+    """The block hashes a store lookup found, plus the digests it read from Redis on the
+    way (fingerprint id -> block hash -> digest), so a worker need not ask Redis again."""
+
+    def __init__(
+        self, hashes: Iterable[bytes] = (), remote: dict[str, dict[bytes, bytes]] | None = None
+    ):
+        super().__init__(hashes)
+        self.remote = remote or {}
+
+
 @dataclass(slots=True)
 class StageJob:
-    """Read and verify the blobs of these block hashes into host memory."""
+    """Read and verify the blobs of these block hashes into host memory.
+
+    `remote`: digests the scheduler's lookup already read from Redis, by the rank's
+    fingerprint id (only blocks the local catalog lacked); the worker skips that
+    round trip for them.
+    """
 
     job_id: int
     block_hashes: list[bytes]
+    remote: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -28,7 +28,14 @@ from typing import Protocol
 
 from cwm_connector.engine.hit_run import Rule, common_end, served_end, span
 from cwm_connector.engine.kv_groups import NULL_BLOCK_ID
-from cwm_connector.engine.plans import CaptureJob, LoadJob, StageJob, StepPlan, WorkerReport
+from cwm_connector.engine.plans import (
+    CaptureJob,
+    LoadJob,
+    StageJob,
+    StepPlan,
+    StoredHashes,
+    WorkerReport,
+)
 
 logger = logging.getLogger("vllm.cwm.scheduler")
 MAX_FAILURES_KEPT = 100_000
@@ -38,7 +45,8 @@ NO_JOB = -1  # a load with no staged blocks: every block in it is a load error
 class StoredLookup(Protocol):
     """Answers which block hashes the store holds for this engine (and KV-cache group)."""
 
-    def __call__(self, hashes: Sequence[bytes], group: int = 0) -> set[bytes]: ...
+    def __call__(self, hashes: Sequence[bytes], group: int = 0) -> set[bytes]:
+        """The hashes held (a StoredHashes also names the digests Redis gave)."""
 
 
 @dataclass(slots=True)
@@ -194,7 +202,9 @@ class CwmScheduler:
             stages.append(_GroupStage(job_id, first))
             self._job_to_req[job_id] = (req_id, group)
             hashes = list(wanted[first - start : end - start])
-            self._plans[group].stages.append(StageJob(job_id, hashes))
+            known = stored[group].remote if isinstance(stored[group], StoredHashes) else {}
+            remote = {fp: {h: m[h] for h in hashes if h in m} for fp, m in known.items()}
+            self._plans[group].stages.append(StageJob(job_id, hashes, remote))
         self._pending[req_id] = _PendingHit(start, end, self._clock(), stages)
         return None, False
 

@@ -425,6 +425,8 @@ class CwmWorker:
         catalog = Catalog(self.catalog_path)
         prewarm_bytes = min(self.cfg.memory_bytes, PREWARM_BYTES)
         self.pool.prewarm(min(self.layout.num_blocks, prewarm_bytes // self.layout.block_bytes))
+        if self.store.redis is not None:
+            self.store.redis.warm()  # the first restore from Redis pays no connects
         while (job := self._stage_q.get()) is not None:
             with self._lock:
                 if job.job_id in self._dropped:
@@ -463,7 +465,7 @@ class CwmWorker:
         if len(wanted) < len(job.block_hashes):
             self.stats.add("stage_budget_cut_blocks", len(job.block_hashes) - len(wanted))
         with self._holds.lock:  # found and held in one step: eviction cannot come between
-            found = self.store.digests_for(catalog, self.fp_id, wanted)
+            found = self.store.digests_for(catalog, self.fp_id, wanted, job.remote.get(self.fp_id))
             digests = _leading([found.get(h) for h in wanted])
             self._holds.hold(digests)
         try:

@@ -64,6 +64,7 @@ from cwm_connector.store import redis_upkeep
 from cwm_connector.store.redis_breaker import Breaker
 from cwm_connector.store.redis_pipe import (
     CHUNK_KEYS,
+    NUM_CONNECTIONS,
     Client,
     Command,
     Pending,
@@ -363,6 +364,29 @@ class RedisTier:
         """`command key` for each key, each followed by a TTL restart if it has one."""
         ttl = self.ttl_ms
         return [c for k in keys for c in ((command, k), ("PEXPIRE", k, ttl, "XX"))]
+
+    def warm(self, connections: int = NUM_CONNECTIONS) -> bool:
+        """Open `connections` connections to each node and start the pipeline threads now,
+        so the first restore pays no connects. False if Redis cannot be reached: nothing
+        raised and nothing counted (the first real call finds out, through the breaker)."""
+        if not self.available():
+            return False
+        try:
+            client = self._connect()
+            nodes = (
+                [client.get_redis_connection(n) for n in client.get_primaries()]
+                if isinstance(client, RedisCluster)
+                else [client]
+            )
+            for node in nodes:
+                pool = node.connection_pool
+                opened = [pool.get_connection() for _ in range(connections)]
+                for conn in opened:
+                    pool.release(conn)
+        except Exception:  # redis-py raises RedisError, RedisClusterException, OSError
+            return False
+        self._pipes.start_threads()
+        return True
 
     # --- health ---------------------------------------------------------------------------
 

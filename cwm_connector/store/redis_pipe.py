@@ -10,6 +10,8 @@ reply list; a failure to reach a node raises.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -43,6 +45,7 @@ class Pipes:
     """Runs batches of commands: per node, in chunks, several chunks at once."""
 
     def __init__(self, num_connections: int = NUM_CONNECTIONS):
+        self._num_connections = num_connections
         self._pool = ThreadPoolExecutor(num_connections, thread_name_prefix="cwm-redis-io")
 
     def split(
@@ -97,6 +100,14 @@ class Pipes:
             if isinstance(reply, Exception) and not is_reply_error(reply):
                 raise reply
         return replies
+
+    def start_threads(self) -> None:
+        """Start every pool thread now (an executor starts them on demand)."""
+        barrier = threading.Barrier(self._num_connections + 1)
+        for _ in range(self._num_connections):
+            self._pool.submit(barrier.wait, 1.0)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(1.0)  # busy threads: they exist already
 
     def submit(self, call: Callable[[], T]) -> Future[T]:
         """Run a call on the pool (it must not wait on the pool itself)."""

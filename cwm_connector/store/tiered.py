@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -72,10 +72,17 @@ class TieredStore:
 
     # -- block maps ------------------------------------------------------------
     def digests_for(
-        self, catalog: Catalog, fp_id: str, hashes: Sequence[bytes]
+        self,
+        catalog: Catalog,
+        fp_id: str,
+        hashes: Sequence[bytes],
+        known: Mapping[bytes, bytes] | None = None,
     ) -> dict[bytes, bytes]:
-        """hash -> digest from the local catalog, then Redis for the rest."""
+        """hash -> digest from the local catalog, then `known` (what Redis told the
+        scheduler a moment ago), then Redis for the rest."""
         found = catalog.digests_for(fp_id, hashes)
+        if known and len(found) < len(hashes):
+            found.update((h, known[h]) for h in hashes if h not in found and h in known)
         if self.redis is not None and len(found) < len(hashes):
             rest = [h for h in hashes if h not in found]
             found.update(self.redis.get_blocks(fp_id, rest))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cwm_connector.engine.plans import WorkerReport
+from cwm_connector.engine.plans import StoredHashes, WorkerReport
 from cwm_connector.engine.scheduler import CwmScheduler
 
 BS = 32
@@ -235,3 +235,29 @@ def test_failed_captures_are_remembered_until_stored() -> None:
     assert sched.failed_captures(hs) == 2
     sched.apply_report(WorkerReport(rank=0, stored=[hs[0]]))  # a later capture worked
     assert sched.failed_captures(hs) == 1
+
+
+def test_stage_job_carries_the_digests_redis_gave_the_lookup() -> None:
+    """The worker need not ask Redis again for a block map the scheduler just read."""
+    hs = hashes(6)
+    local = set(hs[:2])  # on this disk: the worker reads the catalog for those
+    remote = {"fp-r0": {h: b"d" + h for h in hs[2:]}, "fp-r1": {h: b"e" + h for h in hs[2:5]}}
+
+    def lookup(wanted: Sequence[bytes], group: int = 0) -> set[bytes]:
+        known = {fp: {h: d for h, d in m.items() if h in wanted} for fp, m in remote.items()}
+        return StoredHashes({h for h in wanted if h in local or h in known["fp-r1"]}, known)
+
+    sched = CwmScheduler(block_size=BS, tp_size=2, lookup=lookup)
+    assert sched.get_num_new_matched_tokens("r", hs, 6 * BS + 1, BS) == (None, False)
+    (job,) = sched.build_plan().stages
+    assert job.block_hashes == hs[1:5]  # from the engine's own hit to rank 1's last block
+    assert (
+        job.remote
+        == {
+            "fp-r0": {h: b"d" + h for h in hs[2:5]},  # only the job's blocks
+            "fp-r1": {h: b"e" + h for h in hs[2:5]},
+        }
+    )
+    plain, _ = make(set(hs))  # a lookup that returns a plain set: nothing to pass on
+    plain.get_num_new_matched_tokens("q", hs, 6 * BS + 1, 0)
+    assert plain.build_plan().stages[0].remote == {}

@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -16,8 +17,13 @@ from redis.cluster import RedisCluster as ClusterClient
 from redis_servers import RedisCluster, RedisServer, free_port, redis_available
 
 from cwm_connector.errors import ConfigError, StoreError
+from cwm_connector.stats import Stats
 from cwm_connector.store import blob
+from cwm_connector.store.catalog import Catalog
+from cwm_connector.store.disk import DiskTier
+from cwm_connector.store.memory import MemoryTier
 from cwm_connector.store.redis import CHUNK_KEYS, RedisTier
+from cwm_connector.store.tiered import TieredStore
 
 pytestmark = [
     pytest.mark.skipif(
@@ -343,3 +349,56 @@ def test_cluster_node_paused_is_a_miss_and_recovers(cluster: RedisCluster) -> No
     assert tier.get_blobs(digests) == dict(items)
     assert tier.available()
     tier.close()
+
+
+def _clients(port: int) -> int:
+    with redis.Redis(port=port) as probe:
+        return int(probe.info("clients")["connected_clients"]) - 1  # not the probe itself
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_warm_opens_the_restore_connections_ahead(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    """A restore after warm() opens no connection of its own (the first restore paid ~15 ms)."""
+    server = request.getfixturevalue(kind)
+    ports = server.ports if kind == "cluster" else [server.port]
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    writer, tier = RedisTier(server.url, prefix=prefix), RedisTier(server.url, prefix=prefix)
+    items = make_blobs(40, size=64)
+    try:
+        writer.put_blobs(items)
+        before = [_clients(p) for p in ports]
+        assert tier.warm()
+        warmed = [_clients(p) - b for p, b in zip(ports, before, strict=True)]
+        assert min(warmed) >= 4  # each node: one connection per pipeline thread
+        assert tier.get_blobs([d for d, _ in items]) == dict(items)  # 5 chunks on 4 threads
+        assert [_clients(p) - b for p, b in zip(ports, before, strict=True)] == warmed
+    finally:
+        writer.close()
+        tier.close()
+
+
+def test_warm_with_redis_down_returns_false_and_counts_nothing() -> None:
+    tier = RedisTier(f"redis://127.0.0.1:{free_port()}", socket_timeout_s=SOCKET_TIMEOUT_S)
+    assert tier.warm() is False
+    assert tier.counters()["outages"] == 0 and tier.available()  # the breaker saw nothing
+
+
+@pytest.mark.parametrize("known_part", [0, 4, 10])
+def test_digests_for_asks_redis_only_for_what_the_lookup_did_not_name(
+    tier: RedisTier, tmp_path: Path, known_part: int
+) -> None:
+    rows = [(os.urandom(32), blob.digest(os.urandom(64))) for _ in range(10)]
+    tier.put_blocks("fp", rows)
+    store = TieredStore(MemoryTier(1), DiskTier(tmp_path / "blobs"), tier, Stats(None))
+    catalog = Catalog(tmp_path / "catalog.db")
+    try:
+        known = dict(rows[:known_part])
+        found = store.digests_for(catalog, "fp", [h for h, _ in rows], known)
+        assert found == dict(rows)
+        counters = tier.counters()
+        assert counters["block_hits"] + counters["block_misses"] == 10 - known_part
+    finally:
+        catalog.close()
+        store.close()
