@@ -6,7 +6,9 @@ worker's stage thread does for a restore that only Redis holds: `fetch_remote`,
 then `read_into` per blob (verify + copy into staging segments, promotion into the
 memory tier) on two reader threads. Medians of `--repeats`; once with the process
 idle and once with a second thread spinning in pure Python (as vLLM's busy worker
-thread holds the GIL).
+thread holds the GIL). Then the floor: the same values read over bare sockets
+(pipelined GETs, one `recv_into(MSG_WAITALL)` of the exact reply length into a
+buffer already touched, no parsing, no verify) on 1 and on 4 connections at once.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_redis_stage.py [--blobs 125] [--repeats 10]
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -68,6 +71,36 @@ def stage_once(store: TieredStore, digests: list[bytes], block: int) -> float:
     return elapsed
 
 
+def raw_read_ms(host: str, port: int, keys: list[bytes], value_len: int, conns: int) -> float:
+    """Pipelined GETs of `keys` (values all `value_len` bytes) split over `conns` sockets,
+    each reply stream read with one recv_into of its exact length; milliseconds."""
+    reply = len(b"$%d\r\n" % value_len) + value_len + 2
+    parts = [keys[i::conns] for i in range(conns)]
+    socks = [socket.create_connection((host, port)) for _ in parts]
+    buffers = [bytearray(b"\1" * (reply * len(p))) for p in parts]
+
+    def read(j: int) -> None:
+        view, got = memoryview(buffers[j]), 0
+        socks[j].sendall(b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k)
+                                  for k in parts[j]))  # fmt: skip
+        while got < len(view):
+            n = socks[j].recv_into(view[got:], len(view) - got, socket.MSG_WAITALL)
+            if n == 0:
+                raise ConnectionError("redis-server closed the connection")
+            got += n
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=read, args=(j,)) for j in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = (time.perf_counter() - started) * 1e3
+    for sock in socks:
+        sock.close()
+    return elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blobs", type=int, default=125)
@@ -96,6 +129,12 @@ def main() -> None:
                 spinner.join()
             out[f"{load}_ms_median"] = round(statistics.median(times[1:]), 1)
             out[f"{load}_ms_all"] = [round(t, 1) for t in times[1:]]
+        keys = [tier.blob_key(d).encode() for d in digests]
+        value_len = len(blob.encode(raws[0]))
+        for conns in (1, 4):
+            times = [raw_read_ms("127.0.0.1", server.port, keys, value_len, conns)
+                     for _ in range(args.repeats + 1)][1:]  # fmt: skip
+            out[f"raw_socket_{conns}conn_ms_median"] = round(statistics.median(times), 1)
         out["loadavg"] = os.getloadavg()
         tier.close()
     print(json.dumps(out, indent=1))

@@ -13,6 +13,10 @@ One random Llama, real `vllm serve` processes, a real `redis-server` on loopback
    from disk (compressed);
 4. a server on an empty store pointed at Redis: restore from Redis.
 
+Each restore phase also records the CPU seconds each process used over its
+restores (the vLLM server's API, EngineCore and worker processes, redis-server)
+against the wall time: on a 2-core machine this shows what a restore competes with.
+
     .venv/bin/python benchmarks/bench_tiers.py [--layers 4 --prompt-tokens 4000] [--out FILE]
         [--phases disk,redis]  (a short run: only these restores)
 """
@@ -32,7 +36,9 @@ import argparse
 import json
 import os
 import tempfile
+from collections import Counter
 
+import psutil  # a vLLM dependency
 from bench_restore import (
     BLOCK,
     HITS,
@@ -89,6 +95,21 @@ def zstd_copy(store: Path, dest: Path) -> tuple[int, int]:
         raw_total += len(raw)
         stored_total += out.put(header.digest, [raw], "zstd")
     return raw_total, stored_total
+
+
+def cpu_seconds(pids: list[int]) -> Counter[str]:
+    """CPU seconds (user + system) used so far by these processes and their children,
+    summed by process name (vLLM names its processes VLLM::EngineCore, VLLM::Worker...)."""
+    out: Counter[str] = Counter()
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                times = proc.cpu_times()
+                out[proc.name()] += times.user + times.system
+        except psutil.Error:  # gone meanwhile: counted as far as it was read
+            continue
+    return out
 
 
 class TierBench(Bench):
@@ -166,9 +187,15 @@ def main() -> int:
                 {"store_dir": str(phase_store), **extra})))  # fmt: skip
             try:
                 offset = PHASES.index(phase) * n
+                pids = [p for p in (server.proc.pid, redis.pid) if p is not None]
+                cpu_before, wall_before = cpu_seconds(pids), time.perf_counter()
                 for k in range(offset, offset + n if phase in phases else offset):
                     r = bench.restore(server, k, salts[k], prefix_tokens[k])
                     res["restore"][phase].append(r)
+                used = cpu_seconds(pids) - cpu_before
+                res.setdefault("cpu_s", {})[phase] = {
+                    "wall_s": time.perf_counter() - wall_before,
+                    **{name: round(sec, 3) for name, sec in sorted(used.items())}}  # fmt: skip
                 if phase == "disk" and "memory" in phases:  # thaw prestages, then restore
                     control = ControlClient(phase_store / "control.sock")
                     offset = PHASES.index("memory") * n
@@ -204,6 +231,11 @@ def main() -> int:
             print(f"| {p} | {summary[p]:.3f} s | {ratio:.2f}x | {result['checks'][p]} |")
         if "zstd" in result:
             print(f"zstd on real KV: {result['zstd']['ratio']:.2f}x smaller")
+        for phase, cpu in result.get("cpu_s", {}).items():
+            shares = ", ".join(
+                f"{k} {v / cpu['wall_s']:.0%}" for k, v in cpu.items() if k != "wall_s"
+            )
+            print(f"CPU during the {phase} restores (share of one core): {shares}")
         print(f"decode tok/s capture on {dec['capture_on']:.1f} / off {dec['capture_off']:.1f}")
         return 0 if all(result["checks"].values()) else 1
     finally:
