@@ -379,10 +379,13 @@ class RedisTier:
                 else [client]
             )
             for node in nodes:
-                pool = node.connection_pool
-                opened = [pool.get_connection() for _ in range(connections)]
-                for conn in opened:
-                    pool.release(conn)
+                pool, opened = node.connection_pool, []
+                try:
+                    for _ in range(connections):
+                        opened.append(pool.get_connection())
+                finally:  # back to the pool, connected, even when a later one failed
+                    for conn in opened:
+                        pool.release(conn)
         except Exception:  # redis-py raises RedisError, RedisClusterException, OSError
             return False
         self._pipes.start_threads()
