@@ -235,6 +235,14 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows])
 
 
+def drop_work_dir(work: Path, keep: bool) -> None:
+    """Remove a run's temp dir (model, stores, logs), or say where it was kept."""
+    if keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     args = parse_args()
     spec = model_spec(args)
@@ -282,10 +290,7 @@ def main() -> int:
         print(f"checks: {result['checks']}  ->  {args.out}")
         return 0 if all(result["checks"].values()) else 1
     finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        drop_work_dir(work, args.keep)
 
 
 if __name__ == "__main__":

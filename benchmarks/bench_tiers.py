@@ -43,6 +43,7 @@ from bench_restore import (
     BLOCK,
     HITS,
     Bench,
+    drop_work_dir,
     first_token,
     model_spec,
     read_stats,
@@ -240,10 +241,7 @@ def main() -> int:
         return 0 if all(result["checks"].values()) else 1
     finally:
         redis.close()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        drop_work_dir(work, args.keep)
 
 
 if __name__ == "__main__":

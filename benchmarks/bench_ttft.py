@@ -42,7 +42,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_restore import BLOCK, HITS, first_token, read_stats, wait_durable, wait_metric
+from bench_restore import (
+    BLOCK,
+    HITS,
+    drop_work_dir,
+    first_token,
+    read_stats,
+    wait_durable,
+    wait_metric,
+)
 from redis_servers import RedisServer
 
 from cwm_connector.control.client import ControlClient
@@ -359,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(result["checks"].values()) else 1
     finally:
         redis.close()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        drop_work_dir(work, args.keep)
 
 
 if __name__ == "__main__":
