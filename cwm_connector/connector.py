@@ -39,9 +39,9 @@ from cwm_connector.engine.kv_groups import (
     group_layer_names,
     restore_plan,
 )
-from cwm_connector.engine.plans import StepPlan, StoredHashes, WorkerReport
+from cwm_connector.engine.plans import StepPlan, WorkerReport
 from cwm_connector.engine.prom import CwmPromMetrics, CwmStats, DeltaTracker
-from cwm_connector.engine.scheduler import CwmScheduler
+from cwm_connector.engine.scheduler import CwmScheduler, StoredHashes
 from cwm_connector.engine.sessions import SessionTable
 from cwm_connector.engine.vllm_compat import (
     DISK_HIT_SOURCE,

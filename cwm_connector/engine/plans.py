@@ -5,7 +5,6 @@ They carry block ids, block hashes, digests and job ids: never KV bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -16,17 +15,6 @@ class CaptureJob:
     req_id: str
     block_ids: list[int]
     block_hashes: list[bytes]
-
-
-class StoredHashes(set[bytes]):
-    """The block hashes a store lookup found, plus the digests it read from Redis on the
-    way (fingerprint id -> block hash -> digest), so a worker need not ask Redis again."""
-
-    def __init__(
-        self, hashes: Iterable[bytes] = (), remote: dict[str, dict[bytes, bytes]] | None = None
-    ):
-        super().__init__(hashes)
-        self.remote = remote or {}
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,13 +33,23 @@ from cwm_connector.engine.plans import (
     LoadJob,
     StageJob,
     StepPlan,
-    StoredHashes,
     WorkerReport,
 )
 
 logger = logging.getLogger("vllm.cwm.scheduler")
 MAX_FAILURES_KEPT = 100_000
 NO_JOB = -1  # a load with no staged blocks: every block in it is a load error
+
+
+class StoredHashes(set[bytes]):
+    """The block hashes a store lookup found, plus the digests it read from Redis on the
+    way (fingerprint id -> block hash -> digest), so a worker need not ask Redis again."""
+
+    def __init__(
+        self, hashes: Iterable[bytes] = (), remote: dict[str, dict[bytes, bytes]] | None = None
+    ):
+        super().__init__(hashes)
+        self.remote = remote or {}
 
 
 class StoredLookup(Protocol):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cwm_connector.engine.plans import StoredHashes, WorkerReport
-from cwm_connector.engine.scheduler import CwmScheduler
+from cwm_connector.engine.plans import WorkerReport
+from cwm_connector.engine.scheduler import CwmScheduler, StoredHashes
 
 BS = 32
 
